@@ -1,0 +1,175 @@
+"""Every path and hyperparameter of the project, with its default, in one place.
+
+Any script takes ``--key=value`` overrides of these keys on its command line
+(``--key`` alone sets a boolean key to true):
+
+    python train.py --epochs=5 --device=cpu --output=tree
+
+The checkpoint carries the config it was trained with, so evaluation and
+prediction rebuild exactly the same model and crop.
+"""
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Config:
+    # --- paths -------------------------------------------------------------
+    raw_dir: str = "data/raw"              # Kaggle's files, zipped or extracted
+    processed_dir: str = "data/processed"  # train/, test/ PNGs and labels.csv
+    out_dir: str = "runs"                  # checkpoints, metrics, plots, predictions
+    demo: bool = False                     # use the synthetic data set under demo_dir
+    demo_dir: str = "data/demo"            # demo raw/ and processed/ live here
+
+    # --- preprocessing -----------------------------------------------------
+    image_size: int = 64          # side of the square PNG fed to the network
+    crop: str = "roi"             # roi: box around the central galaxy; center: fixed crop
+    roi_threshold: float = 0.1    # fraction of the central brightness above the sky that counts as galaxy
+    roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
+    roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
+    center_crop_size: int = 212   # side of the fixed central crop in raw pixels (crop=center)
+    workers: int = _cpu_count()   # processes for preprocessing and data loading
+    demo_train: int = 2000        # synthetic training galaxies written by --demo
+    demo_test: int = 200          # synthetic test galaxies written by --demo
+
+    # --- data split and augmentation ----------------------------------------
+    seed: int = 1337
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    aug_flips: bool = True        # the 8 rotations/flips of the square
+    aug_rotate: float = 0.0       # max extra rotation in degrees (0 = off)
+    aug_shift: float = 0.0        # max shift as a fraction of the image side
+    aug_zoom: float = 0.0         # max relative zoom in or out
+    aug_brightness: float = 0.0   # max relative brightness change
+
+    # --- model -------------------------------------------------------------
+    output: str = "sigmoid"       # sigmoid: 37 independent outputs; tree: obey the decision tree
+    dropout: float = 0.5
+
+    # --- training ----------------------------------------------------------
+    device: str = "auto"          # auto | cpu | cuda
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"    # onecycle | cosine | constant
+    amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True    # NHWC memory layout on CUDA (ignored on CPU)
+    resume: bool = False          # continue from out_dir/last.pt
+    max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
+    threads: int = 0              # torch CPU threads (0 = torch's default)
+
+    # --- evaluation and prediction -----------------------------------------
+    checkpoint: str = ""          # path to a .pt file written by train.py
+    split: str = "kaggle"         # predict.py: kaggle (the unlabelled test set) | test | val
+    tta: bool = False             # average over the 8 rotations/flips
+    show: bool = False            # plot_image.py: open a window as well as saving
+
+    def validate(self):
+        """Raise ValueError for a setting that cannot work, with what to do instead."""
+        checks = [
+            (self.crop in ("roi", "center"), "crop must be roi or center"),
+            (self.output in ("sigmoid", "tree"), "output must be sigmoid or tree"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.schedule in ("onecycle", "cosine", "constant"), "schedule must be onecycle, cosine or constant"),
+            (self.split in ("kaggle", "test", "val"), "split must be kaggle, test or val"),
+            (self.image_size >= 16, "image_size must be at least 16"),
+            (self.batch_size > 0, "batch_size must be a positive integer, e.g. --batch_size=64"),
+            (self.epochs > 0, "epochs must be a positive integer"),
+            (self.lr > 0, "lr must be positive, e.g. --lr=1e-3"),
+            (self.weight_decay >= 0, "weight_decay must not be negative"),
+            (0 <= self.dropout < 1, "dropout must lie in [0, 1)"),
+            (self.workers >= 1, "workers must be at least 1"),
+            (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+             and self.val_fraction + self.test_fraction < 1,
+             "val_fraction + test_fraction must be below 1"),
+            (self.roi_pad >= 0, "roi_pad must not be negative"),
+            (0 < self.roi_threshold < 1, "roi_threshold must lie in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"impossible config: {message}")
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _parse_value(key, text, kind):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key} takes true or false, not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{key} takes a {kind.__name__}, not {text!r}") from None
+
+
+def parse_overrides(argv, positional=()):
+    """Split argv into {key: value} overrides and the named positional arguments.
+
+    Raises ValueError with a one-line message for anything it cannot use.
+    """
+    types = {f.name: f.type for f in fields(Config)}
+    overrides, values = {}, []
+    for arg in argv:
+        if not arg.startswith("--"):
+            values.append(arg)
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        if key not in types:
+            raise ValueError(f"unknown key --{key}; valid keys: {', '.join(sorted(types))}")
+        if not has_value:
+            if types[key] is not bool:
+                raise ValueError(f"--{key} needs a value, e.g. --{key}={getattr(Config, key)}")
+            text = "true"
+        overrides[key] = _parse_value(key, text, types[key])
+    if len(values) != len(positional):
+        wanted = " ".join(f"<{name}>" for name in positional) or "no positional arguments"
+        raise ValueError(f"expected {wanted}, got {values or 'none'}")
+    return overrides, dict(zip(positional, values))
+
+
+def build_config(overrides):
+    """A Config from explicit overrides; --demo moves the paths under demo_dir unless given."""
+    cfg = Config(**overrides)
+    if cfg.demo:
+        demo_paths = {"raw_dir": os.path.join(cfg.demo_dir, "raw"),
+                      "processed_dir": os.path.join(cfg.demo_dir, "processed"),
+                      "out_dir": os.path.join("runs", "demo")}
+        for key, path in demo_paths.items():
+            if key not in overrides:
+                setattr(cfg, key, path)
+    return cfg.validate()
+
+
+def get_config(argv=None, positional=()):
+    """Parse sys.argv (or argv) into a validated Config; exit with a one-line error on bad input.
+
+    With positional names, returns (cfg, {name: value}).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides, args = parse_overrides(argv, positional)
+        cfg = build_config(overrides)
+    except (ValueError, TypeError) as err:
+        sys.exit(f"error: {err}")
+    return (cfg, args) if positional else cfg
+
+
+def config_from_dict(saved):
+    """Rebuild the Config stored in a checkpoint, ignoring keys this version no longer has."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in names})

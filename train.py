@@ -1,0 +1,296 @@
+"""Train the galaxy CNN on CPU or CUDA, on one process or many (torchrun).
+
+    python train.py                                # data/processed -> runs/
+    python train.py --demo --epochs=10             # the synthetic demo set
+    python train.py --resume                       # continue from runs/last.pt
+    torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
+
+Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv and
+out_dir/loss.png are rewritten, last.pt is saved and best.pt when val RMSE improves.
+Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+import matplotlib
+matplotlib.use("Agg")  # files only; training never opens a window
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from config import build_config, parse_overrides
+from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
+from model import (CheckpointError, autocast, build_model, load_state, predict, prepare_batch,
+                   read_checkpoint, resolve_device, rmse)
+
+STOP_SIGNAL = None  # set by the signal handler; the loop saves and exits at the next step
+
+
+def request_stop(signum, frame):
+    global STOP_SIGNAL
+    if STOP_SIGNAL is not None:  # a second Ctrl-C means "now", not "after this step"
+        raise KeyboardInterrupt
+    STOP_SIGNAL = signum
+
+
+# --- set-up --------------------------------------------------------------------------
+
+def parse_config(argv):
+    """The run's Config. On --resume the saved config is the base and the command line
+    overrides it, so `python train.py --resume` alone continues the same run."""
+    overrides, _ = parse_overrides(argv)
+    cfg = build_config(overrides)
+    checkpoint = None
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "last.pt")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--resume: {path} not found; train without --resume first, "
+                                  f"or point --out_dir at the run to continue")
+        checkpoint = read_checkpoint(path)
+        cfg = build_config({**checkpoint["config"], **overrides})
+    return cfg, checkpoint
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_optimizer(model, cfg, steps_per_epoch):
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        # +1: the scheduler also steps after the very last batch
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps + 1)
+    elif cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+
+
+def epoch_order(n, seed, epoch, rank, world_size):
+    """This rank's shuffled sample order for an epoch: a pure function of (seed, epoch), so a
+    resumed run sees exactly the batches it would have seen, and ranks never overlap."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    per_rank = n // world_size
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+# --- checkpoints, metrics and plots ----------------------------------------------------
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device):
+    return {
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": cfg.to_dict(),
+        **progress,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8),
+            "augment": aug_generator.get_state(),
+        },
+    }
+
+
+def write_metrics(history, out_dir, baseline_rmse):
+    table = pd.DataFrame(history)
+    atomic_write(os.path.join(out_dir, "metrics.csv"), lambda tmp: table.to_csv(tmp, index=False))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(table["epoch"], table["train_rmse"], "o-", label="train RMSE (augmented, dropout on)")
+    ax.plot(table["epoch"], table["val_rmse"], "s-", label="validation RMSE")
+    ax.axhline(baseline_rmse, color="gray", ls="--", label=f"predict the mean ({baseline_rmse:.4f})")
+    if table["val_rmse"].notna().any():
+        best = table["val_rmse"].idxmin()
+        ax.annotate(f"best {table['val_rmse'][best]:.4f}", (table["epoch"][best], table["val_rmse"][best]),
+                    textcoords="offset points", xytext=(0, -16), ha="center")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("RMSE over the 37 vote fractions")
+    ax.set_title("Galaxy Zoo training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(os.path.join(out_dir, "loss.png"), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+# --- the loop --------------------------------------------------------------------------
+
+def train(cfg, checkpoint):
+    rank, world_size, device = setup_distributed(cfg)
+    is_main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+
+    galaxy_ids, images, vote_fractions = load_training_set(cfg)
+    split = split_for_run(cfg, galaxy_ids, write=is_main)
+    train_rows, val_rows = rows_of(galaxy_ids, split["train"]), rows_of(galaxy_ids, split["val"])
+    if len(train_rows) < cfg.batch_size * world_size:
+        raise DataError(f"only {len(train_rows)} training galaxies for batch_size={cfg.batch_size} "
+                        f"x {world_size} processes; use a smaller --batch_size or more data")
+    # the whole uint8 set lives on the device: a batch is then one gather, no loader workers
+    train_images, train_targets = images[train_rows].to(device), vote_fractions[train_rows].to(device)
+    val_images, val_targets = images[val_rows], vote_fractions[val_rows]
+    mean_prediction = vote_fractions[train_rows].mean(0)
+    baseline_val_rmse = rmse(mean_prediction.expand_as(val_targets), val_targets) if len(val_rows) else float("nan")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(train_rows) // world_size // cfg.batch_size
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch)
+    aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
+
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0,
+                "best_val_rmse": math.inf, "history": []}
+    if checkpoint is not None:
+        load_state(raw_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = {key: checkpoint[key] for key in progress}
+        rng = checkpoint["rng"]
+        if world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
+            torch.set_rng_state(rng["torch"])
+            aug_generator.set_state(rng["augment"].to(aug_generator.get_state().device))
+            if device.type == "cuda" and len(rng["cuda"]):
+                torch.cuda.set_rng_state(rng["cuda"], device)
+        if is_main:
+            print(f"resumed from {cfg.out_dir}/last.pt at epoch {progress['epoch'] + 1}, "
+                  f"step {progress['step_in_epoch']}")
+
+    if is_main:
+        print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
+              f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | "
+              f"mean-prediction val RMSE {baseline_val_rmse:.4f}")
+
+    def save_last():
+        if is_main:
+            state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device)
+            save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), state)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    model.train()
+    while progress["epoch"] < cfg.epochs:
+        epoch = progress["epoch"]
+        order = epoch_order(len(train_rows), cfg.seed, epoch, rank, world_size)
+        bar = tqdm(total=steps_per_epoch * cfg.batch_size, initial=progress["step_in_epoch"] * cfg.batch_size,
+                   unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=True)
+        started = time.time()
+        for step in range(progress["step_in_epoch"], steps_per_epoch):
+            batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            batch = augment(prepare_batch(train_images[batch_rows], device, cfg.channels_last),
+                            cfg, aug_generator)
+            with autocast(device, cfg.amp):
+                loss = F.mse_loss(model(batch), train_targets[batch_rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            progress["step_in_epoch"] = step + 1
+            progress["global_step"] += 1
+            progress["epoch_loss_sum"] += loss.item()
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if stop_requested(world_size) or progress["global_step"] == cfg.max_steps:
+                bar.close()
+                save_last()
+                if is_main:
+                    why = f"signal {STOP_SIGNAL}" if STOP_SIGNAL else f"max_steps={cfg.max_steps}"
+                    print(f"stopped by {why}; saved {cfg.out_dir}/last.pt (resume with --resume)")
+                return 128 + STOP_SIGNAL if STOP_SIGNAL else 0
+        bar.close()
+
+        train_loss = progress["epoch_loss_sum"] / steps_per_epoch
+        val_rmse = rmse(predict(raw_model, val_images, 2 * cfg.batch_size, cfg.amp, cfg.channels_last),
+                        val_targets) if len(val_rows) else float("nan")
+        seconds = time.time() - started
+        progress["history"].append({
+            "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
+            "val_rmse": val_rmse, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+            "img_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 1)})
+        progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
+        improved = val_rmse < progress["best_val_rmse"] or not len(val_rows)  # no val: best = last
+        if improved:
+            progress["best_val_rmse"] = val_rmse
+        if is_main:
+            print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | val RMSE {val_rmse:.5f}"
+                  f"{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}")
+            save_last()
+            if improved:
+                save_checkpoint(os.path.join(cfg.out_dir, "best.pt"),
+                                checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device))
+            write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse)
+
+    if is_main:
+        report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device)
+    return 0
+
+
+def stop_requested(world_size):
+    """True on every rank as soon as any rank got SIGINT/SIGTERM, so all stop at the same step."""
+    if world_size == 1:
+        return STOP_SIGNAL is not None
+    flag = torch.tensor([1.0 if STOP_SIGNAL else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device):
+    """Test-split RMSE of best.pt, with the mean-prediction baseline beside it."""
+    test_rows = rows_of(galaxy_ids, split["test"])
+    if not len(test_rows):
+        print("no test split (test_fraction=0)")
+        return
+    best = read_checkpoint(os.path.join(cfg.out_dir, "best.pt"))
+    model = build_model(cfg).to(device)
+    model.load_state_dict(best["model"])
+    targets = vote_fractions[test_rows]
+    test_rmse = rmse(predict(model, images[test_rows], 2 * cfg.batch_size, cfg.amp, cfg.channels_last), targets)
+    baseline = rmse(mean_prediction.expand_as(targets), targets)
+    print(f"test RMSE {test_rmse:.5f} (best.pt, epoch {best['epoch']}) | mean-prediction baseline "
+          f"{baseline:.5f} | {len(test_rows)} galaxies")
+
+
+def main():
+    try:
+        cfg, checkpoint = parse_config(sys.argv[1:])
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        code = train(cfg, checkpoint)
+    except (ValueError, DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
