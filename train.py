@@ -9,6 +9,7 @@ Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv a
 out_dir/loss.png are rewritten, last.pt is saved and best.pt when val RMSE improves.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
 """
+import json
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import preprocess
 from config import build_config, parse_overrides
 from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
 from model import (CheckpointError, autocast, build_model, load_state, predict, prepare_batch,
@@ -55,7 +57,20 @@ def parse_config(argv):
                                   f"or point --out_dir at the run to continue")
         checkpoint = read_checkpoint(path)
         cfg = build_config({**checkpoint["config"], **overrides})
-    return cfg, checkpoint
+    return adopt_crop_settings(cfg), checkpoint
+
+
+def adopt_crop_settings(cfg):
+    """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
+    records how its inputs were really made and predict.py crops raw JPEGs the same way."""
+    path = os.path.join(cfg.processed_dir, preprocess.SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as file:
+            settings = json.load(file)
+        for key in preprocess.CROP_KEYS:
+            if key in settings:
+                setattr(cfg, key, type(getattr(cfg, key))(settings[key]))
+    return cfg
 
 
 def setup_distributed(cfg):
@@ -91,6 +106,22 @@ def epoch_order(n, seed, epoch, rank, world_size):
     order = torch.randperm(n, generator=generator)
     per_rank = n // world_size
     return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def next_batch(images_uint8, vote_fractions, rows, cfg, device, aug_generator):
+    """The float, augmented batch and its targets: one gather from the in-memory uint8 set."""
+    batch = prepare_batch(images_uint8[rows], device, cfg.channels_last)
+    return augment(batch, cfg, aug_generator), vote_fractions[rows]
+
+
+def train_step(model, optimizer, scheduler, batch, targets, cfg, device):
+    with autocast(device, cfg.amp):
+        loss = F.mse_loss(model(batch), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
 
 
 # --- checkpoints, metrics and plots ----------------------------------------------------
@@ -138,6 +169,8 @@ def write_metrics(history, out_dir, baseline_rmse):
 # --- the loop --------------------------------------------------------------------------
 
 def train(cfg, checkpoint):
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     rank, world_size, device = setup_distributed(cfg)
     is_main = rank == 0
     if cfg.threads:
@@ -178,7 +211,7 @@ def train(cfg, checkpoint):
         rng = checkpoint["rng"]
         if world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
             torch.set_rng_state(rng["torch"])
-            aug_generator.set_state(rng["augment"].to(aug_generator.get_state().device))
+            aug_generator.set_state(rng["augment"])
             if device.type == "cuda" and len(rng["cuda"]):
                 torch.cuda.set_rng_state(rng["cuda"], device)
         if is_main:
@@ -195,8 +228,6 @@ def train(cfg, checkpoint):
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device)
             save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), state)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     model.train()
     while progress["epoch"] < cfg.epochs:
         epoch = progress["epoch"]
@@ -206,14 +237,8 @@ def train(cfg, checkpoint):
         started = time.time()
         for step in range(progress["step_in_epoch"], steps_per_epoch):
             batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            batch = augment(prepare_batch(train_images[batch_rows], device, cfg.channels_last),
-                            cfg, aug_generator)
-            with autocast(device, cfg.amp):
-                loss = F.mse_loss(model(batch), train_targets[batch_rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            batch, targets = next_batch(train_images, train_targets, batch_rows, cfg, device, aug_generator)
+            loss = train_step(model, optimizer, scheduler, batch, targets, cfg, device)
             progress["step_in_epoch"] = step + 1
             progress["global_step"] += 1
             progress["epoch_loss_sum"] += loss.item()

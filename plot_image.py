@@ -1,0 +1,208 @@
+"""Plot one galaxy: the raw image with its crop box, the crop the network sees, and the
+vote fractions of the 11 decision-tree questions (true, predicted, or both side by side).
+
+    python plot_image.py 100008                              # -> runs/galaxy_100008.png
+    python plot_image.py 100008 --checkpoint=runs/best.pt    # true vs predicted, RMSE in the title
+    python plot_image.py 100018 --checkpoint=runs/best.pt --show   # a test galaxy, in a window too
+
+The galaxy is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or test.
+"""
+import io
+import os
+import sys
+import zipfile
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+import preprocess
+from config import get_config
+from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
+from model import CheckpointError, load_model, predict, resolve_device, rmse
+from predict import crop_settings_mismatch
+
+SPLIT_NAMES = {"train": "training set", "test": "Kaggle test set"}
+TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
+
+
+# --- finding the galaxy ------------------------------------------------------------------------
+
+def closest_ids(galaxy_id, known_ids, count=3):
+    known_ids = np.asarray(sorted(known_ids), np.int64)
+    nearest = known_ids[np.argsort(np.abs(known_ids - galaxy_id), kind="stable")[:count]]
+    return sorted(nearest.tolist())
+
+
+def find_galaxy(cfg, galaxy_id):
+    """{"split", "raw_reference", "png_path"} for the galaxy; DataError naming the closest IDs if unknown."""
+    known_ids = set()
+    for split in ("train", "test"):
+        raw = preprocess.raw_images(cfg.raw_dir, split)
+        png_dir = os.path.join(cfg.processed_dir, split)
+        png_path = os.path.join(png_dir, f"{galaxy_id}.png")
+        if galaxy_id in raw or os.path.isfile(png_path):
+            return {"split": split, "raw_reference": raw.get(galaxy_id),
+                    "png_path": png_path if os.path.isfile(png_path) else None}
+        known_ids.update(raw)
+        known_ids.update(png_ids(png_dir).tolist())
+    if not known_ids:
+        raise DataError(f"galaxy {galaxy_id} not found: no images in {cfg.raw_dir}/ (Kaggle's images_*_rev1 "
+                        f"zips or folders) nor in {cfg.processed_dir}/train|test/; pass --raw_dir=... or --demo")
+    nearest = ", ".join(str(gid) for gid in closest_ids(galaxy_id, known_ids))
+    raise DataError(f"galaxy {galaxy_id} not found in {cfg.raw_dir}/ or {cfg.processed_dir}/; "
+                    f"closest known IDs: {nearest}")
+
+
+def true_vote_fractions(cfg, galaxy_id):
+    """The galaxy's 37 published vote fractions, or None (a test galaxy, or no labels file)."""
+    if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")):
+        label_ids, vote_fractions = read_labels(cfg.processed_dir)
+        if galaxy_id in label_ids:
+            return vote_fractions[np.flatnonzero(label_ids == galaxy_id)[0]]
+    labels, _, _ = preprocess.read_labels(cfg.raw_dir)
+    if labels is not None and galaxy_id in labels.index:
+        return labels.loc[galaxy_id, LABEL_COLUMNS].to_numpy(np.float32)
+    return None
+
+
+def galaxy_images(cfg, galaxy, model_cfg=None):
+    """{"raw": RGB array or None, "roi_box": box or None, "crop": uint8 HWC, "crop_note": its source}.
+
+    The crop is made from the raw JPEG as preprocess.py makes the training PNGs, with the
+    checkpoint's settings when there is one (model_cfg); without a raw image it is the PNG.
+    """
+    crop_cfg = model_cfg or cfg
+    if galaxy["raw_reference"]:
+        try:
+            data = preprocess.read_raw(cfg.raw_dir, galaxy["raw_reference"])
+            crop, roi_box = preprocess.crop_galaxy(data, crop_cfg)
+            with Image.open(io.BytesIO(data)) as image:
+                raw = np.asarray(image.convert("RGB"))
+            return {"raw": raw, "roi_box": roi_box, "crop": np.asarray(crop),
+                    "crop_note": f"crop={crop_cfg.crop} of the raw image"}
+        except (preprocess.BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
+            if not galaxy["png_path"]:
+                raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
+    # the model must see the crop it was trained on; a PNG made otherwise would mislead it
+    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
+    if mismatch:
+        raise DataError(f"no raw image, and the PNGs in {cfg.processed_dir} were cropped differently "
+                        f"({mismatch}); put the raw images in {cfg.raw_dir} or re-run preprocess.py")
+    try:
+        with Image.open(galaxy["png_path"]) as image:
+            crop = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{galaxy['png_path']} is unreadable ({err}); re-run preprocess.py") from None
+    if model_cfg and crop.shape[0] != model_cfg.image_size:
+        raise DataError(f"{galaxy['png_path']} is {crop.shape[0]} px wide, the checkpoint wants "
+                        f"{model_cfg.image_size}; re-run `python preprocess.py --image_size={model_cfg.image_size}`")
+    return {"raw": None, "roi_box": None, "crop": crop, "crop_note": "processed PNG"}
+
+
+# --- the figure --------------------------------------------------------------------------------
+
+def plot_question(ax, question, true_values, predicted_values):
+    """Horizontal bars, one per answer; paired true/predicted bars when both are known."""
+    series = [(name, values, color) for name, values, color in
+              (("true", true_values, TRUE_COLOR), ("predicted", predicted_values, PREDICTED_COLOR))
+              if values is not None]
+    positions = np.arange(len(question.answers))[::-1]  # the first answer on top
+    height = 0.8 / len(series)
+    for i, (name, values, color) in enumerate(series):
+        offset = (len(series) - 1) / 2 * height - i * height  # true above predicted
+        ax.barh(positions + offset, values, height=height, color=color, label=name)
+        for y, value in zip(positions + offset, values):
+            ax.text(value + 0.01, y, f"{value:.2f}", va="center", fontsize=7)
+    ax.set_yticks(positions, question.answers, fontsize=8)
+    ax.set_xlim(0, 1.15)  # vote fractions, with room for the value labels
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"Q{question.number}  {question.text}", fontsize=9, loc="left")
+
+
+def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
+    """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images)."""
+    raw, crop = galaxy["raw"], galaxy["crop"]
+    has_values = true_values is not None or predicted_values is not None
+    fig = plt.figure(figsize=(20, 10) if has_values else (12, 10), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[1, 2.4] if has_values else [1, 1.2])
+
+    raw_ax, crop_ax = left.subplots(2, 1, height_ratios=[3, 2])
+    if raw is not None:
+        raw_ax.imshow(raw)
+        x0, y0, x1, y1 = galaxy["roi_box"]  # raw-pixel edges; imshow puts pixel centres on integers
+        raw_ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=2))
+        raw_ax.set_title(f"raw {raw.shape[1]}x{raw.shape[0]}, crop box {x1 - x0}x{y1 - y0} px", fontsize=10)
+    else:
+        raw_ax.text(0.5, 0.5, f"no usable raw image in {cfg.raw_dir}/\nshowing the processed PNG only:\n"
+                              f"{galaxy['png_path']}", ha="center", va="center", fontsize=10, wrap=True)
+    crop_ax.imshow(crop, interpolation="nearest")
+    crop_ax.set_title(f"{crop.shape[1]}x{crop.shape[0]} network input ({galaxy['crop_note']})", fontsize=10)
+    for ax in (raw_ax, crop_ax):
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    if not has_values:
+        ax = right.subplots()
+        ax.axis("off")
+        why = ("Kaggle never released the vote fractions\nof its test galaxies." if galaxy["split"] == "test"
+               else f"No vote fractions for this galaxy in\n{cfg.processed_dir}/labels.csv or {cfg.raw_dir}/.")
+        ax.text(0.5, 0.5, f"{why}\n\nPass --checkpoint=runs/best.pt\nto see the model's prediction.",
+                ha="center", va="center", fontsize=14)
+    else:
+        axes = right.subplots(3, 4).ravel()
+        for ax, question in zip(axes, QUESTIONS):
+            columns = [LABEL_COLUMNS.index(column) for column in question.columns]
+            plot_question(ax, question,
+                          None if true_values is None else true_values[columns],
+                          None if predicted_values is None else predicted_values[columns])
+        legend_ax = axes[-1]  # 11 questions leave the 12th panel for the key
+        legend_ax.axis("off")
+        legend_ax.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=11,
+                         title="vote fraction")
+
+    title = f"Galaxy {galaxy_id} ({SPLIT_NAMES[galaxy['split']]})"
+    if true_values is not None and predicted_values is not None:
+        error = rmse(torch.from_numpy(predicted_values), torch.from_numpy(true_values))
+        title += f": RMSE {error:.4f} over the 37 vote fractions"
+    elif true_values is None and predicted_values is not None:
+        title += ": prediction only (no labels)"
+    fig.suptitle(title, fontsize=15)
+    return fig
+
+
+def main():
+    cfg, args = get_config(positional=("galaxy_id",))
+    if not args["galaxy_id"].isdigit():
+        sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
+    galaxy_id = int(args["galaxy_id"])
+    if not cfg.show:
+        plt.switch_backend("Agg")  # files only, no display needed
+    try:
+        galaxy = find_galaxy(cfg, galaxy_id)
+        model, model_cfg = None, None
+        if cfg.checkpoint:
+            model, model_cfg = load_model(cfg.checkpoint, resolve_device(cfg.device))
+        galaxy.update(galaxy_images(cfg, galaxy, model_cfg))
+        true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
+        predicted_values = None
+        if model is not None:
+            images = torch.from_numpy(np.array(galaxy["crop"])).permute(2, 0, 1).unsqueeze(0)
+            predicted_values = predict(model, images, 1, cfg.amp, cfg.channels_last, cfg.tta)[0].numpy()
+    except (DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+
+    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path = os.path.join(cfg.out_dir, f"galaxy_{galaxy_id}.png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    print(f"wrote {path}")
+    if cfg.show:
+        plt.show()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Predict Galaxy Zoo vote fractions with a trained checkpoint.
+
+    python predict.py --checkpoint=runs/best.pt             # Kaggle's test set -> runs/submission.csv
+    python predict.py --checkpoint=runs/best.pt --tta       # mean over the 8 rotations/flips
+    python predict.py --checkpoint=runs/best.pt --split=test  # RMSE per question on the held-out split
+
+Kaggle's test images come from processed_dir/test/*.png when preprocess.py has written them
+with the checkpoint's crop settings, else straight from the raw JPEGs (zip or folder) in
+raw_dir, cropped exactly as in training. Unreadable images are skipped and listed, never fatal.
+"""
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
+from tqdm import tqdm
+
+import preprocess
+from config import get_config
+from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, png_ids, read_labels,
+                     read_png, read_split)
+from model import CheckpointError, load_model, predict, resolve_device, rmse
+
+
+# --- the metric per question ---------------------------------------------------------------
+
+def question_rmse(predictions, targets):
+    """{question number: RMSE over that question's answer columns}, for (N, 37) arrays."""
+    squared_errors = (np.asarray(predictions, np.float64) - np.asarray(targets, np.float64)) ** 2
+    return {q.number: float(np.sqrt(squared_errors[:, [LABEL_COLUMNS.index(c) for c in q.columns]].mean()))
+            for q in QUESTIONS}
+
+
+# --- where the images come from ----------------------------------------------------------------
+
+def checkpoint_path(cfg):
+    return cfg.checkpoint or os.path.join(cfg.out_dir, "best.pt")
+
+
+def crop_settings_mismatch(processed_dir, model_cfg):
+    """'' when processed_dir's PNGs were cropped as the model was trained, else what differs.
+
+    preprocess.py records its crop settings in processed_dir; PNGs made with another crop would
+    feed the model galaxies at a different scale from the ones it learnt.
+    """
+    path = os.path.join(processed_dir, preprocess.SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return ""  # older output without the record: read_png still checks the size
+    with open(path) as f:
+        made_with = json.load(f)
+    return ", ".join(f"{key} {made_with.get(key)} there, {getattr(model_cfg, key)} in the checkpoint"
+                     for key in preprocess.CROP_KEYS if made_with.get(key) != getattr(model_cfg, key))
+
+
+def load_processed(task):
+    """Pool worker: (galaxy_id, uint8 HWC pixels or None, why it was skipped)."""
+    galaxy_id, path = task
+    try:
+        return galaxy_id, read_png(path, preprocess._worker_job["cfg"].image_size), ""
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying corrupt or truncated
+        return galaxy_id, None, f"corrupt or truncated PNG: {err}"
+
+
+def load_raw(task):
+    """Pool worker: the galaxy cropped from its raw JPEG exactly as preprocess.py crops it."""
+    galaxy_id, reference = task
+    try:
+        data = preprocess.read_raw(preprocess._worker_job["raw_dir"], reference)
+        crop, _ = preprocess.crop_galaxy(data, preprocess._worker_job["cfg"])
+        return galaxy_id, np.asarray(crop, np.uint8), ""
+    except preprocess.BadImage as err:
+        return galaxy_id, None, str(err)
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged zip member
+        return galaxy_id, None, f"unreadable file: {err}"
+
+
+def kaggle_test_images(cfg, model_cfg):
+    """(tasks [(galaxy_id, path or reference)], worker, what they are) for Kaggle's test set."""
+    png_dir = os.path.join(cfg.processed_dir, "test")
+    galaxy_ids = png_ids(png_dir)
+    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg) if len(galaxy_ids) else ""
+    raw = preprocess.raw_images(cfg.raw_dir, "test")
+    if len(galaxy_ids) and not mismatch:
+        tasks = [(gid, os.path.join(png_dir, f"{gid}.png")) for gid in galaxy_ids.tolist()]
+        unmade = len(set(raw) - set(galaxy_ids.tolist()))
+        if unmade:  # e.g. an interrupted preprocess.py; Kaggle wants a row for every test galaxy
+            print(f"warning: {unmade} test images in {cfg.raw_dir} have no PNG in {png_dir}; "
+                  f"run `python preprocess.py` again to include them")
+        return tasks, load_processed, f"processed PNGs in {png_dir}"
+    if raw:
+        why = f" (not the PNGs in {png_dir}: {mismatch})" if mismatch else ""
+        return (sorted(raw.items()), load_raw,
+                f"raw JPEGs in {cfg.raw_dir}, cropped with crop={model_cfg.crop}{why}")
+    if mismatch:
+        raise DataError(f"the PNGs in {png_dir} were cropped differently ({mismatch}); re-run "
+                        f"`python preprocess.py` with the checkpoint's settings, or put the raw test images in "
+                        f"{cfg.raw_dir}")
+    raise DataError(f"no test images: put Kaggle's images_test_rev1.zip (or the folder images_test_rev1/) in "
+                    f"{cfg.raw_dir}/, or run `python preprocess.py` to write {png_dir}/<GalaxyID>.png")
+
+
+def preprocess_skipped(processed_dir):
+    """[(galaxy_id, reason)] of the test images preprocess.py itself could not use."""
+    path = os.path.join(processed_dir, "skipped.csv")
+    if not os.path.isfile(path):
+        return []
+    table = pd.read_csv(path, dtype=str).fillna("")
+    table = table[table["split"] == "test"]
+    return list(zip(table["galaxy_id"], "preprocess.py: " + table["reason"]))
+
+
+def predict_tasks(model, tasks, worker, model_cfg, cfg):
+    """(galaxy_ids, predictions (N, 37), skipped [(galaxy_id, reason)]), decoding in a worker pool.
+
+    Images are decoded by cfg.workers processes in order and fed to the model a batch at a time,
+    so the whole test set never has to sit in memory at once.
+    """
+    galaxy_ids, predictions, skipped = [], [], []
+    batch_ids, batch_pixels = [], []
+
+    def flush():
+        images = torch.from_numpy(np.stack(batch_pixels)).permute(0, 3, 1, 2).contiguous()
+        predictions.append(predict(model, images, cfg.batch_size, cfg.amp, cfg.channels_last, cfg.tta))
+        galaxy_ids.extend(batch_ids)
+        batch_ids.clear()
+        batch_pixels.clear()
+
+    job = {"cfg": model_cfg, "raw_dir": cfg.raw_dir}
+    results = preprocess._run_pool(worker, tasks, cfg.workers, job, "predict", ordered=True)
+    for galaxy_id, pixels, reason in results:
+        if pixels is None:
+            skipped.append((galaxy_id, reason))
+            continue
+        batch_ids.append(galaxy_id)
+        batch_pixels.append(pixels)
+        if len(batch_ids) == cfg.batch_size:
+            flush()
+    if batch_ids:
+        flush()
+    if not galaxy_ids:
+        return np.zeros(0, np.int64), np.zeros((0, len(LABEL_COLUMNS)), np.float32), skipped
+    return np.array(galaxy_ids, np.int64), torch.cat(predictions).numpy(), skipped
+
+
+def write_submission(path, galaxy_ids, predictions):
+    """Kaggle's format: GalaxyID, Class1.1 ... Class11.6, one row per galaxy, sorted by ID."""
+    table = pd.DataFrame(np.clip(predictions, 0, 1), columns=LABEL_COLUMNS)
+    table.insert(0, "GalaxyID", galaxy_ids)
+    table = table.sort_values("GalaxyID")
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+
+
+def report_skipped(skipped, path):
+    """One line with the count and the first IDs; the full list goes to path."""
+    if not skipped:
+        return
+    table = pd.DataFrame(skipped, columns=["GalaxyID", "reason"])
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    first = ", ".join(str(gid) for gid, _ in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+    print(f"skipped {len(skipped)} unreadable test images (no row in the submission): {first}; see {path}")
+
+
+def predict_kaggle(cfg, model, model_cfg):
+    tasks, worker, source = kaggle_test_images(cfg, model_cfg)
+    print(f"predicting {len(tasks)} test galaxies from {source}"
+          f"{' with 8-fold TTA' if cfg.tta else ''}")
+    galaxy_ids, predictions, skipped = predict_tasks(model, tasks, worker, model_cfg, cfg)
+    if worker is load_processed:
+        skipped = preprocess_skipped(cfg.processed_dir) + skipped
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    report_skipped(skipped, os.path.join(cfg.out_dir, "submission_skipped.csv"))
+    if not len(galaxy_ids):
+        raise DataError("no test image could be read; nothing to submit")
+    path = os.path.join(cfg.out_dir, "submission.csv")
+    write_submission(path, galaxy_ids, predictions)
+    print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
+
+
+# --- evaluation on the held-out split of the training data ----------------------------------------
+
+def evaluation_table(predictions, targets, baseline):
+    """Model and mean-prediction RMSE, overall and per question, as a DataFrame."""
+    predictions, targets = np.asarray(predictions), np.asarray(targets)
+    baseline_predictions = np.repeat(np.asarray(baseline)[None], len(targets), axis=0)
+    model_rmse = question_rmse(predictions, targets)
+    baseline_rmse = question_rmse(baseline_predictions, targets)
+    rows = [{"question": "all", "text": "all 37 outputs",
+             "model_rmse": rmse(torch.as_tensor(predictions), torch.as_tensor(targets)),
+             "baseline_rmse": rmse(torch.as_tensor(baseline_predictions), torch.as_tensor(targets))}]
+    rows += [{"question": f"Q{q.number}", "text": q.text, "model_rmse": model_rmse[q.number],
+              "baseline_rmse": baseline_rmse[q.number]} for q in QUESTIONS]
+    return pd.DataFrame(rows)
+
+
+def plot_evaluation(table, path, title):
+    """Horizontal bars, model beside the mean-prediction baseline, one pair per question."""
+    labels = [f"{q}  {text}" if q != "all" else text for q, text in zip(table["question"], table["text"])]
+    positions = np.arange(len(table))[::-1]  # the overall row on top, Q1 under it
+    fig = Figure(figsize=(9, 7.5), layout="constrained")
+    ax = fig.subplots()
+    for offset, column, name, color in ((0.2, "model_rmse", "model", "tab:blue"),
+                                        (-0.2, "baseline_rmse", "mean of the train split", "tab:gray")):
+        ax.barh(positions + offset, table[column], height=0.4, label=name, color=color)
+        for y, value in zip(positions + offset, table[column]):
+            ax.text(value, y, f" {value:.3f}", va="center", fontsize=7)
+    ax.set_yticks(positions, labels)
+    ax.set_xlim(0, 1.12 * table[["model_rmse", "baseline_rmse"]].to_numpy().max())
+    ax.set_xlabel("RMSE over the question's vote fractions")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+
+
+def evaluate_split(cfg, model, model_cfg, checkpoint):
+    split_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "split.csv")
+    split = read_split(split_path)
+    galaxy_ids = split[cfg.split]
+    if not len(galaxy_ids):
+        raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {cfg.split}_fraction=0?)")
+    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg)
+    if mismatch:
+        raise DataError(f"the PNGs in {cfg.processed_dir} were cropped differently ({mismatch}); re-run "
+                        f"`python preprocess.py` with the checkpoint's settings")
+    label_ids, vote_fractions = read_labels(cfg.processed_dir)
+    row_of = {gid: row for row, gid in enumerate(label_ids.tolist())}
+    missing = [gid for gid in galaxy_ids.tolist() + split["train"].tolist() if gid not in row_of]
+    if missing:
+        raise DataError(f"{len(missing)} galaxies of {split_path} (e.g. {missing[0]}) have no row in "
+                        f"{cfg.processed_dir}/labels.csv; pass the --processed_dir the checkpoint was trained on")
+    targets = vote_fractions[[row_of[gid] for gid in galaxy_ids.tolist()]]
+    baseline = vote_fractions[[row_of[gid] for gid in split["train"].tolist()]].mean(0)
+
+    images = load_images(os.path.join(cfg.processed_dir, "train"), galaxy_ids, model_cfg.image_size, cfg.workers)
+    with tqdm(total=len(images), unit="img", desc=f"predict {cfg.split}") as bar:
+        predictions = predict(model, images, cfg.batch_size, cfg.amp, cfg.channels_last, cfg.tta,
+                              progress=bar.update).numpy()
+
+    table = evaluation_table(predictions, targets, baseline)
+    print(f"{cfg.split} split: {len(galaxy_ids)} galaxies, checkpoint {checkpoint}"
+          f"{', 8-fold TTA' if cfg.tta else ''}; baseline = mean vote fractions of the "
+          f"{len(split['train'])} train galaxies")
+    print(f"{'RMSE':<36}{'model':>8}{'baseline':>10}")
+    for row in table.itertuples():
+        label = row.text if row.question == "all" else f"{row.question:<4} {row.text}"
+        print(f"{label:<36}{row.model_rmse:>8.4f}{row.baseline_rmse:>10.4f}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    csv_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.csv")
+    png_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.png")
+    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    plot_evaluation(table, png_path, f"{cfg.split} split: {len(galaxy_ids)} galaxies, "
+                                     f"RMSE {table['model_rmse'][0]:.4f} (baseline {table['baseline_rmse'][0]:.4f})")
+    print(f"wrote {csv_path} and {png_path}")
+
+
+def main():
+    cfg = get_config()
+    checkpoint = checkpoint_path(cfg)
+    try:
+        model, model_cfg = load_model(checkpoint, resolve_device(cfg.device))
+        if cfg.split == "kaggle":
+            predict_kaggle(cfg, model, model_cfg)
+        else:
+            evaluate_split(cfg, model, model_cfg, checkpoint)
+    except (DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing written")  # every output is written whole or not at all
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from config import Config
+from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set,
+                     make_split, random_dihedral, read_split, save_split)
+
+
+def write_processed(folder, galaxy_ids, labelled_ids=None, size=64):
+    (folder / "train").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for gid in galaxy_ids:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "train" / f"{gid}.png")
+    labelled_ids = galaxy_ids if labelled_ids is None else labelled_ids
+    table = pd.DataFrame(rng.random((len(labelled_ids), 37)), columns=LABEL_COLUMNS)
+    table.insert(0, "GalaxyID", labelled_ids)
+    table.to_csv(folder / "labels.csv", index=False)
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    galaxy_ids = np.arange(100, 1100)
+    split = make_split(galaxy_ids, seed=1, val_fraction=0.1, test_fraction=0.1)
+    assert [len(split[s]) for s in ("train", "val", "test")] == [800, 100, 100]
+    assert sorted(np.concatenate(list(split.values()))) == list(galaxy_ids)
+    again = make_split(galaxy_ids[::-1], seed=1, val_fraction=0.1, test_fraction=0.1)
+    assert all(np.array_equal(split[s], again[s]) for s in split)
+    other = make_split(galaxy_ids, seed=2, val_fraction=0.1, test_fraction=0.1)
+    assert not np.array_equal(split["val"], other["val"])
+
+
+def test_split_round_trips_through_csv(tmp_path):
+    split = make_split(np.arange(50), seed=0, val_fraction=0.2, test_fraction=0.2)
+    save_split(split, tmp_path / "split.csv")
+    loaded = read_split(tmp_path / "split.csv")
+    assert all(np.array_equal(split[s], loaded[s]) for s in split)
+
+
+def test_training_set_pairs_pngs_with_labels_and_caches(tmp_path):
+    write_processed(tmp_path, [5, 3, 9, 7], labelled_ids=[3, 5, 7, 11])  # 9 has no label, 11 no PNG
+    cfg = Config(processed_dir=str(tmp_path), workers=2)
+    galaxy_ids, images, vote_fractions = load_training_set(cfg)
+    assert galaxy_ids.tolist() == [3, 5, 7]
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 64, 64)
+    expected = np.asarray(Image.open(tmp_path / "train" / "5.png")).transpose(2, 0, 1)
+    assert np.array_equal(images[1].numpy(), expected)
+    assert vote_fractions.shape == (3, 37)
+    assert (tmp_path / "train_images.pt").exists()
+    cached = load_images(str(tmp_path / "train"), galaxy_ids, 64)
+    assert torch.equal(cached, images)
+
+
+def test_cache_is_rebuilt_when_pngs_change(tmp_path):
+    write_processed(tmp_path, [1, 2])
+    folder = str(tmp_path / "train")
+    first = load_images(folder, [1, 2], 64)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "new.png")
+    (tmp_path / "new.png").replace(tmp_path / "train" / "1.png")
+    assert load_images(folder, [1, 2], 64)[0].sum() == 0 and first[0].sum() > 0
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda d: None, "no training PNGs"),
+    (lambda d: write_processed(d, [1, 2], labelled_ids=[3, 4]), "matches no PNG"),
+])
+def test_unusable_processed_dir_says_what_to_do(tmp_path, setup, fragment):
+    setup(tmp_path)
+    with pytest.raises(DataError, match=fragment):
+        load_training_set(Config(processed_dir=str(tmp_path)))
+
+
+def test_dihedral_gives_the_eight_symmetries_of_the_square():
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    views = [dihedral(image, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    rotations = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
+    for rotation in rotations + [r.flip(-1) for r in rotations]:
+        assert any(torch.equal(rotation, v) for v in views)
+
+
+def test_random_dihedral_permutes_pixels_of_each_image_independently():
+    images = torch.rand(64, 3, 8, 8)
+    out = random_dihedral(images, torch.Generator().manual_seed(0))
+    seen = set()
+    for before, after in zip(images, out):
+        matches = [k for k in range(8) if torch.equal(dihedral(before, k), after)]
+        assert matches, "every output is an exact symmetry of its own input"
+        seen.add(matches[0])
+    assert len(seen) == 8
+
+
+def test_augment_is_seeded_and_keeps_values_in_range():
+    cfg = Config(aug_rotate=20, aug_shift=0.05, aug_zoom=0.1, aug_brightness=0.2)
+    images = torch.rand(16, 3, 32, 32)
+    a = augment(images, cfg, torch.Generator().manual_seed(3))
+    b = augment(images, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(augment(images, Config(aug_flips=False), torch.Generator()), images)
+
+
+def test_small_rotation_of_a_centred_disk_changes_little():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disk = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 64).float().expand(4, 3, 32, 32)
+    out = augment(disk, Config(aug_flips=False, aug_rotate=30), torch.Generator().manual_seed(0))
+    assert (out - disk).abs().mean() < 0.02

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
+from model import CheckpointError, DecisionTreeHead, GalaxyCNN, flat_features, load_model, predict, rmse
+from config import Config
+
+
+def test_shapes_follow_the_seed_diagram():
+    model = GalaxyCNN()
+    assert flat_features(64) == 8192
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.padding[0]) for c in convs] == [
+        (3, 64, 9, 1), (64, 128, 5, 1), (128, 256, 3, 1), (256, 512, 1, 1)]
+    linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(8192, 1024), (1024, 2048), (2048, 37)]
+    assert model.features(torch.rand(2, 3, 64, 64)).shape == (2, 8192)
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "tree"])
+def test_outputs_lie_in_the_open_unit_interval(output):
+    model = GalaxyCNN(output=output).eval()
+    vote_fractions = model(torch.rand(4, 3, 64, 64))
+    assert vote_fractions.shape == (4, 37)
+    assert (vote_fractions > 0).all() and (vote_fractions < 1).all()
+
+
+def test_other_image_sizes_flatten_consistently():
+    model = GalaxyCNN(image_size=96)
+    assert model(torch.rand(1, 3, 96, 96)).shape == (1, 37)
+
+
+def column_sum(values, question_number):
+    q = QUESTIONS[question_number - 1]
+    return values[:, [LABEL_COLUMNS.index(c) for c in q.columns]].sum(1)
+
+
+def column(values, name):
+    return values[:, LABEL_COLUMNS.index(name)]
+
+
+def test_tree_head_obeys_every_kaggle_sum_rule():
+    torch.manual_seed(0)
+    v = DecisionTreeHead()(torch.randn(256, 37) * 4)
+    ones = torch.ones(len(v))
+    rules = {1: ones, 2: column(v, "Class1.2"), 3: column(v, "Class2.2"), 4: column(v, "Class2.2"),
+             5: column(v, "Class2.2"), 6: ones, 7: column(v, "Class1.1"), 8: column(v, "Class6.1"),
+             9: column(v, "Class2.1"), 10: column(v, "Class4.1"), 11: column(v, "Class4.1")}
+    for question, expected in rules.items():
+        torch.testing.assert_close(column_sum(v, question), expected, msg=f"Q{question}")
+
+
+def test_question_table_names_every_answer():
+    assert len(LABEL_COLUMNS) == 37 and LABEL_COLUMNS[0] == "Class1.1" and LABEL_COLUMNS[-1] == "Class11.6"
+    assert all(q.text and all(q.answers) for q in QUESTIONS)
+
+
+def test_rmse_is_the_kaggle_metric():
+    predictions, targets = torch.zeros(2, 37), torch.zeros(2, 37)
+    targets[0, 0] = 1.0  # one error of 1 among 74 entries
+    assert rmse(predictions, targets) == pytest.approx((1 / 74) ** 0.5)
+
+
+def test_predict_batches_and_tta_agree_with_direct_calls():
+    torch.manual_seed(0)
+    model = GalaxyCNN().eval()
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    direct = model(images.float() / 255)
+    torch.testing.assert_close(predict(model, images, batch_size=2), direct)
+    views = torch.stack([model(dihedral(images.float() / 255, k)) for k in range(8)])
+    torch.testing.assert_close(predict(model, images, tta=True), views.mean(0))
+
+
+def test_load_model_explains_bad_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(tmp_path / "junk.pt")
+    cfg = Config(output="tree")
+    state = GalaxyCNN(image_size=96).state_dict()
+    torch.save({"model": state, "config": cfg.to_dict()}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="different model"):
+        load_model(tmp_path / "other.pt")

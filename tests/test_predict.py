@@ -1,0 +1,226 @@
+"""predict.py on the small synthetic set: the submission file, raw vs processed input, skipped
+images, test-time augmentation, and the per-question evaluation."""
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import preprocess
+from config import Config
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, make_split, png_ids, read_labels, save_split
+from model import build_model, predict
+from predict import evaluation_table, kaggle_test_images, load_processed, load_raw, question_rmse
+from predict import main as predict_main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--workers=1", "--batch_size=16"]
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_predict(*args):
+    return run_script("predict.py", *args)
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def save_checkpoint(path, cfg, galaxy_ids=None, seed=0):
+    """A checkpoint as train.py writes it (random weights: the tests need a model, not a good
+    one), with split.csv beside it when galaxy_ids are given."""
+    torch.manual_seed(seed)
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
+    if galaxy_ids is not None:
+        save_split(make_split(galaxy_ids, cfg.seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
+    return path
+
+
+def demo_config(processed_dir):
+    """A Config with the crop settings the demo PNGs were made with (as training would use)."""
+    with open(os.path.join(processed_dir, preprocess.SETTINGS_FILE)) as f:
+        return Config(**json.load(f), processed_dir=str(processed_dir))
+
+
+@pytest.fixture(scope="module")
+def demo(demo_raw, demo_processed, tmp_path_factory):
+    processed_dir = Path(demo_processed.processed_dir)
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = demo_config(processed_dir)
+    label_ids, _ = read_labels(processed_dir)
+    checkpoint = save_checkpoint(run_dir / "best.pt", cfg, label_ids)
+    return {"raw_dir": Path(demo_raw), "processed_dir": processed_dir, "checkpoint": checkpoint,
+            "cfg": cfg, "missing": tmp_path_factory.mktemp("empty") / "nothing"}
+
+
+@pytest.fixture(scope="module")
+def processed_submission(demo, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("processed")
+    result = run_predict(f"--checkpoint={demo['checkpoint']}", f"--processed_dir={demo['processed_dir']}",
+                         f"--raw_dir={demo['missing']}", f"--out_dir={out_dir}", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result, pd.read_csv(out_dir / "submission.csv")
+
+
+# --- Kaggle's test set ------------------------------------------------------------------------
+
+def test_submission_has_kaggles_format(demo, processed_submission):
+    result, submission = processed_submission
+    assert "processed PNGs" in result.stdout
+    assert list(submission.columns) == ["GalaxyID"] + LABEL_COLUMNS
+    test_ids = png_ids(demo["processed_dir"] / "test")
+    assert submission["GalaxyID"].tolist() == sorted(test_ids.tolist())
+    values = submission[LABEL_COLUMNS].to_numpy()
+    assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+
+
+def test_raw_jpegs_give_the_same_predictions_as_processed_pngs(demo, processed_submission, tmp_path):
+    result = run_predict(f"--checkpoint={demo['checkpoint']}", f"--raw_dir={demo['raw_dir']}",
+                         f"--processed_dir={demo['missing']}", f"--out_dir={tmp_path}", "--workers=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "raw JPEGs" in result.stdout
+    from_raw = pd.read_csv(tmp_path / "submission.csv")
+    from_png = processed_submission[1]
+    assert from_raw["GalaxyID"].tolist() == from_png["GalaxyID"].tolist()
+    # the same crop, losslessly stored as PNG: equal up to the 6 decimals written
+    np.testing.assert_allclose(from_raw[LABEL_COLUMNS], from_png[LABEL_COLUMNS], atol=2e-6)
+
+
+def test_corrupt_test_jpegs_are_skipped_and_reported(demo, tmp_path):
+    """An extracted images_test_rev1/ folder with two good JPEGs, a truncated one and an empty one."""
+    raw_dir = tmp_path / "raw"
+    folder = raw_dir / "images_test_rev1"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(demo["raw_dir"] / "images_test_rev1.zip") as archive:
+        members = sorted(n for n in archive.namelist() if n.endswith(".jpg"))[:3]
+        jpegs = {int(Path(name).stem): archive.read(name) for name in members}
+    good, truncated = sorted(jpegs)[:2], sorted(jpegs)[2]
+    for galaxy_id in good:
+        (folder / f"{galaxy_id}.jpg").write_bytes(jpegs[galaxy_id])
+    (folder / f"{truncated}.jpg").write_bytes(jpegs[truncated][:200])
+    (folder / "999999.jpg").write_bytes(b"")
+
+    result = run_predict(f"--checkpoint={demo['checkpoint']}", f"--raw_dir={raw_dir}", "--tta=true",
+                         f"--processed_dir={demo['missing']}", f"--out_dir={tmp_path}", "--workers=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped 2 unreadable test images" in result.stdout
+    assert str(truncated) in result.stdout and "999999" in result.stdout
+    assert pd.read_csv(tmp_path / "submission.csv")["GalaxyID"].tolist() == good
+    assert sorted(pd.read_csv(tmp_path / "submission_skipped.csv")["GalaxyID"]) == [truncated, 999999]
+
+
+def main_error(monkeypatch, *args):
+    """predict.main() in this process (no second torch import): the message it exits with."""
+    monkeypatch.setattr(sys, "argv", ["predict.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = run_predict(f"--out_dir={tmp_path}")  # the default: out_dir/best.pt
+    assert f"{tmp_path / 'best.pt'} not found" in one_line_error(result)
+
+
+def test_no_test_images_is_a_one_line_error(demo, tmp_path, monkeypatch):
+    message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--raw_dir={demo['missing']}",
+                         f"--processed_dir={demo['missing']}", f"--out_dir={tmp_path}")
+    assert "images_test_rev1.zip" in message
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(demo, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "other.pt"
+    torch.save({"model": build_model(Config(image_size=32)).state_dict(), "config": Config().to_dict()},
+               checkpoint)
+    message = main_error(monkeypatch, f"--checkpoint={checkpoint}", f"--processed_dir={demo['processed_dir']}")
+    assert "different model" in message
+
+
+# --- test-time augmentation --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return build_model(Config(image_size=32)).eval()
+
+
+def test_tta_changes_nothing_for_a_radially_symmetric_galaxy(random_model):
+    # brightness depends on the distance from the centre only, so all 8 views are the same pixels
+    side = 32
+    y, x = np.mgrid[:side, :side] - (side - 1) / 2
+    disc = np.clip(255 * np.exp(-(x ** 2 + y ** 2) / 60), 0, 255).astype(np.uint8)
+    image = torch.from_numpy(np.stack([disc, disc // 2, disc // 3]))[None]
+    views = [predict(random_model, dihedral(image, k)) for k in range(8)]
+    for view in views[1:]:
+        torch.testing.assert_close(view, views[0])
+    torch.testing.assert_close(predict(random_model, image, tta=True), views[0], atol=1e-6, rtol=0)
+
+
+def test_tta_is_the_mean_over_the_8_symmetries(random_model):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean_of_views = torch.stack([predict(random_model, dihedral(images, k)) for k in range(8)]).mean(0)
+    torch.testing.assert_close(predict(random_model, images, batch_size=2, tta=True), mean_of_views)
+    assert not torch.allclose(predict(random_model, images), mean_of_views)  # a real average, not a copy
+
+
+# --- evaluation on the held-out split ----------------------------------------------------------
+
+def test_question_rmse_by_hand():
+    targets = np.zeros((2, 37))
+    predictions = np.zeros((2, 37))
+    q2 = [LABEL_COLUMNS.index("Class2.1"), LABEL_COLUMNS.index("Class2.2")]
+    q6 = [LABEL_COLUMNS.index("Class6.1"), LABEL_COLUMNS.index("Class6.2")]
+    predictions[:, q2] = [[0.2, 0.4], [0.4, 0.2]]  # squared errors 0.04 + 0.16 + 0.16 + 0.04 = 0.4 over 4
+    predictions[:, q6] = 0.5                       # every error 0.5
+    per_question = question_rmse(predictions, targets)
+    expected = {q.number: 0.0 for q in QUESTIONS}
+    expected.update({2: math.sqrt(0.4 / 4), 6: 0.5})
+    assert per_question == pytest.approx(expected)
+
+    table = evaluation_table(predictions, targets, baseline=np.zeros(37)).set_index("question")
+    assert table.loc["all", "model_rmse"] == pytest.approx(math.sqrt((0.4 + 4 * 0.25) / 74))
+    assert table.loc["Q2", "model_rmse"] == pytest.approx(math.sqrt(0.1))
+    assert (table["baseline_rmse"] == 0).all()
+    assert list(table.index) == ["all"] + [f"Q{q.number}" for q in QUESTIONS]
+
+
+def test_evaluating_the_test_split_writes_table_and_chart(demo, tmp_path):
+    result = run_predict(f"--checkpoint={demo['checkpoint']}", f"--processed_dir={demo['processed_dir']}",
+                         "--split=test", f"--out_dir={tmp_path}", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Smooth, featured or star?" in result.stdout
+    table = pd.read_csv(tmp_path / "eval_test.csv").set_index("question")
+    assert (tmp_path / "eval_test.png").stat().st_size > 10_000
+    assert len(table) == 12 and table["model_rmse"].between(0, 1).all()
+
+    # the baseline predicts the train split's mean: recompute it for the test split here
+    split = pd.read_csv(demo["checkpoint"].parent / "split.csv")
+    labels = pd.read_csv(demo["processed_dir"] / "labels.csv").set_index("GalaxyID")[LABEL_COLUMNS]
+    mean = labels.loc[split.GalaxyID[split.split == "train"]].mean().to_numpy()
+    targets = labels.loc[split.GalaxyID[split.split == "test"]].to_numpy()
+    assert table.loc["all", "baseline_rmse"] == pytest.approx(np.sqrt(((targets - mean) ** 2).mean()), abs=1e-5)
+
+
+def test_pngs_cropped_otherwise_fall_back_to_the_raw_jpegs(demo):
+    cfg = Config(raw_dir=str(demo["raw_dir"]), processed_dir=str(demo["processed_dir"]))
+    tasks, worker, source = kaggle_test_images(cfg, demo["cfg"])
+    assert worker is load_processed and "processed PNGs" in source
+    center_model = Config(**{**demo["cfg"].to_dict(), "crop": "center"})
+    tasks, worker, source = kaggle_test_images(cfg, center_model)
+    assert worker is load_raw and "crop roi there, center in the checkpoint" in source
+    assert [gid for gid, _ in tasks] == png_ids(demo["processed_dir"] / "test").tolist()

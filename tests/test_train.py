@@ -1,0 +1,149 @@
+"""train.py end to end on a small synthetic set, through its command line."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dataset import LABEL_COLUMNS
+from model import GalaxyCNN
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1"]
+
+
+def run_train(*args, check=True, **kwargs):
+    result = subprocess.run([sys.executable, "-u", str(REPO / "train.py"), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.fixture(scope="module")
+def data_args(demo_processed):
+    return [f"--processed_dir={demo_processed.processed_dir}"] + SMALL
+
+
+@pytest.fixture(scope="module")
+def full_run(data_args, tmp_path_factory):
+    """Two uninterrupted epochs: the reference for resume and determinism."""
+    out_dir = tmp_path_factory.mktemp("full")
+    result = run_train(*data_args, "--epochs=2", f"--out_dir={out_dir}")
+    return out_dir, result
+
+
+def test_training_writes_checkpoints_metrics_and_plot(full_run):
+    out_dir, result = full_run
+    for name in ("last.pt", "best.pt", "metrics.csv", "loss.png", "split.csv"):
+        assert (out_dir / name).is_file(), name
+    metrics = pd.read_csv(out_dir / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "val_rmse", "img_per_s"} <= set(metrics.columns)
+    assert "test RMSE" in result.stdout and "mean-prediction baseline" in result.stdout
+    checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["epochs"] == 2
+
+
+def test_same_seed_gives_the_same_losses_on_cpu(full_run, data_args, tmp_path):
+    out_dir, _ = full_run
+    run_train(*data_args, "--epochs=2", f"--out_dir={tmp_path}")
+    first, second = pd.read_csv(out_dir / "metrics.csv"), pd.read_csv(tmp_path / "metrics.csv")
+    assert first["train_loss"].tolist() == second["train_loss"].tolist()
+    assert first["val_rmse"].tolist() == second["val_rmse"].tolist()
+    assert (out_dir / "split.csv").read_text() == (tmp_path / "split.csv").read_text()
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(full_run, data_args, tmp_path):
+    out_dir, _ = full_run
+    stopped = run_train(*data_args, "--epochs=2", "--max_steps=5", f"--out_dir={tmp_path}")
+    assert "saved" in stopped.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["global_step"] == 5
+    run_train(f"--out_dir={tmp_path}", "--resume", "--max_steps=0")
+    assert same_weights(weights(out_dir / "last.pt"), weights(tmp_path / "last.pt"))
+    assert pd.read_csv(out_dir / "metrics.csv").equals(
+        pd.read_csv(tmp_path / "metrics.csv").assign(seconds=pd.read_csv(out_dir / "metrics.csv")["seconds"],
+                                                      img_per_s=pd.read_csv(out_dir / "metrics.csv")["img_per_s"]))
+
+
+def test_sigint_saves_last_checkpoint_and_resume_finishes_the_run(data_args, tmp_path):
+    args = [sys.executable, "-u", str(REPO / "train.py"), *data_args, "--epochs=6", f"--out_dir={tmp_path / 'a'}"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("epoch 1:"):
+            break
+    process.send_signal(signal.SIGINT)
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGINT
+    assert "stopped by signal" in output
+    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert 1 <= saved["epoch"] < 6
+    run_train(f"--out_dir={tmp_path / 'a'}", "--resume")
+    run_train(*data_args, "--epochs=6", f"--out_dir={tmp_path / 'b'}")
+    assert same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+
+
+def test_two_process_gloo_run(data_args, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), *data_args, "--epochs=3", "--max_steps=3", f"--out_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2" in result.stdout and result.stdout.count("stopped by max_steps") == 1  # rank 0 speaks
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch_size=0"], "batch_size must be a positive integer"),
+    (["--lr=-0.1"], "lr must be positive"),
+    (["--resume"], "last.pt not found"),
+])
+def test_impossible_requests_are_one_line_errors(data_args, tmp_path, args, fragment):
+    result = run_train(*data_args, f"--out_dir={tmp_path}", *args, check=False)
+    assert result.returncode != 0
+    assert fragment in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_missing_or_unmatched_data_are_one_line_errors(tmp_path):
+    result = run_train(f"--processed_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "run `python preprocess.py" in result.stderr
+    (tmp_path / "p" / "train").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "p" / "train" / "1.png")
+    labels = pd.DataFrame({"GalaxyID": [2], **{column: [0.5] for column in LABEL_COLUMNS}})
+    labels.to_csv(tmp_path / "p" / "labels.csv", index=False)
+    result = run_train(f"--processed_dir={tmp_path / 'p'}", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "matches no PNG" in result.stderr
+
+
+def test_resume_from_a_different_model_is_refused(full_run, data_args, tmp_path):
+    out_dir, _ = full_run
+    checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
+    checkpoint["model"] = GalaxyCNN(image_size=96).state_dict()
+    (tmp_path / "split.csv").write_text((out_dir / "split.csv").read_text())
+    torch.save(checkpoint, tmp_path / "last.pt")
+    result = run_train(f"--out_dir={tmp_path}", "--resume", check=False)
+    assert result.returncode != 0 and "different model" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_checkpoint_records_the_crop_the_pngs_were_made_with(demo_processed, tmp_path):
+    processed = tmp_path / "processed"
+    shutil.copytree(demo_processed.processed_dir, processed)
+    settings = json.loads((processed / "preprocess.json").read_text())
+    (processed / "preprocess.json").write_text(json.dumps({**settings, "crop": "center"}))
+    run_train(f"--processed_dir={processed}", f"--out_dir={tmp_path / 'run'}", *SMALL, "--max_steps=1")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["crop"] == "center"
