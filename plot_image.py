@@ -22,7 +22,6 @@ import preprocess
 from config import get_config
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from model import CheckpointError, load_model, predict, resolve_device, rmse
-from predict import crop_settings_mismatch
 
 SPLIT_NAMES = {"train": "training set", "test": "Kaggle test set"}
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
@@ -87,7 +86,7 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
             if not galaxy["png_path"]:
                 raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it
-    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
+    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
     if mismatch:
         raise DataError(f"no raw image, and the PNGs in {cfg.processed_dir} were cropped differently "
                         f"({mismatch}); put the raw images in {cfg.raw_dir} or re-run preprocess.py")

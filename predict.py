@@ -8,7 +8,6 @@ Kaggle's test images come from processed_dir/test/*.png when preprocess.py has w
 with the checkpoint's crop settings, else straight from the raw JPEGs (zip or folder) in
 raw_dir, cropped exactly as in training. Unreadable images are skipped and listed, never fatal.
 """
-import json
 import os
 import sys
 import zipfile
@@ -41,26 +40,11 @@ def checkpoint_path(cfg):
     return cfg.checkpoint or os.path.join(cfg.out_dir, "best.pt")
 
 
-def crop_settings_mismatch(processed_dir, model_cfg):
-    """'' when processed_dir's PNGs were cropped as the model was trained, else what differs.
-
-    preprocess.py records its crop settings in processed_dir; PNGs made with another crop would
-    feed the model galaxies at a different scale from the ones it learnt.
-    """
-    path = os.path.join(processed_dir, preprocess.SETTINGS_FILE)
-    if not os.path.isfile(path):
-        return ""  # older output without the record: read_png still checks the size
-    with open(path) as f:
-        made_with = json.load(f)
-    return ", ".join(f"{key} {made_with.get(key)} there, {getattr(model_cfg, key)} in the checkpoint"
-                     for key in preprocess.CROP_KEYS if made_with.get(key) != getattr(model_cfg, key))
-
-
 def load_processed(task):
     """Pool worker: (galaxy_id, uint8 HWC pixels or None, why it was skipped)."""
     galaxy_id, path = task
     try:
-        return galaxy_id, read_png(path, preprocess._worker_job["cfg"].image_size), ""
+        return galaxy_id, read_png(path, preprocess.worker_job["cfg"].image_size), ""
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying corrupt or truncated
         return galaxy_id, None, f"corrupt or truncated PNG: {err}"
 
@@ -69,8 +53,8 @@ def load_raw(task):
     """Pool worker: the galaxy cropped from its raw JPEG exactly as preprocess.py crops it."""
     galaxy_id, reference = task
     try:
-        data = preprocess.read_raw(preprocess._worker_job["raw_dir"], reference)
-        crop, _ = preprocess.crop_galaxy(data, preprocess._worker_job["cfg"])
+        data = preprocess.read_raw(preprocess.worker_job["raw_dir"], reference)
+        crop, _ = preprocess.crop_galaxy(data, preprocess.worker_job["cfg"])
         return galaxy_id, np.asarray(crop, np.uint8), ""
     except preprocess.BadImage as err:
         return galaxy_id, None, str(err)
@@ -82,7 +66,7 @@ def kaggle_test_images(cfg, model_cfg):
     """(tasks [(galaxy_id, path or reference)], worker, what they are) for Kaggle's test set."""
     png_dir = os.path.join(cfg.processed_dir, "test")
     galaxy_ids = png_ids(png_dir)
-    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg) if len(galaxy_ids) else ""
+    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if len(galaxy_ids) else ""
     raw = preprocess.raw_images(cfg.raw_dir, "test")
     if len(galaxy_ids) and not mismatch:
         tasks = [(gid, os.path.join(png_dir, f"{gid}.png")) for gid in galaxy_ids.tolist()]
@@ -130,7 +114,7 @@ def predict_tasks(model, tasks, worker, model_cfg, cfg):
         batch_pixels.clear()
 
     job = {"cfg": model_cfg, "raw_dir": cfg.raw_dir}
-    results = preprocess._run_pool(worker, tasks, cfg.workers, job, "predict", ordered=True)
+    results = preprocess.run_pool(worker, tasks, cfg.workers, job, "predict", ordered=True)
     for galaxy_id, pixels, reason in results:
         if pixels is None:
             skipped.append((galaxy_id, reason))
@@ -222,7 +206,7 @@ def evaluate_split(cfg, model, model_cfg, checkpoint):
     galaxy_ids = split[cfg.split]
     if not len(galaxy_ids):
         raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {cfg.split}_fraction=0?)")
-    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg)
+    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg)
     if mismatch:
         raise DataError(f"the PNGs in {cfg.processed_dir} were cropped differently ({mismatch}); re-run "
                         f"`python preprocess.py` with the checkpoint's settings")

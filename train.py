@@ -9,7 +9,6 @@ Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv a
 out_dir/loss.png are rewritten, last.pt is saved and best.pt when val RMSE improves.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
 """
-import json
 import math
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 import matplotlib
 matplotlib.use("Agg")  # files only; training never opens a window
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -63,13 +63,9 @@ def parse_config(argv):
 def adopt_crop_settings(cfg):
     """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
     records how its inputs were really made and predict.py crops raw JPEGs the same way."""
-    path = os.path.join(cfg.processed_dir, preprocess.SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path) as file:
-            settings = json.load(file)
-        for key in preprocess.CROP_KEYS:
-            if key in settings:
-                setattr(cfg, key, type(getattr(cfg, key))(settings[key]))
+    for key, value in preprocess.crop_settings(cfg.processed_dir).items():
+        if key in preprocess.CROP_KEYS:
+            setattr(cfg, key, type(getattr(cfg, key))(value))
     return cfg
 
 
@@ -157,6 +153,7 @@ def write_metrics(history, out_dir, baseline_rmse):
         ax.annotate(f"best {table['val_rmse'][best]:.4f}", (table["epoch"][best], table["val_rmse"][best]),
                     textcoords="offset points", xytext=(0, -16), ha="center")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("RMSE over the 37 vote fractions")
     ax.set_title("Galaxy Zoo training")
     ax.grid(alpha=0.3)

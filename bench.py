@@ -1,0 +1,251 @@
+"""Speed and accuracy benchmarks, one subcommand each:
+
+    python bench.py preprocess            # preprocessing vs. plain JPEG decoding, img/s and ratio
+    python bench.py train                 # training img/s: model alone vs. the whole pipeline, FLOP/s
+    python bench.py accuracy              # the table of benchmarks/ACCURACY.md, trained from scratch
+    python bench.py preprocess --raw_dir=data/raw --workers=4
+
+A subcommand <name> runs bench_<name>(cfg, overrides); the remaining arguments are config
+overrides. raw_dir defaults to the real sample in ../shared/data/galaxy-zoo-sample.
+"""
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import preprocess
+from config import build_config, parse_overrides
+from dataset import atomic_write
+from model import build_model, resolve_device
+from train import make_optimizer, next_batch, train_step
+
+ROUNDS = 3
+SHARED_SAMPLE = Path(__file__).resolve().parent.parent / "shared/data/galaxy-zoo-sample"
+
+
+def _decode_full(task):
+    """Only read and decode one JPEG at full size: the floor any preprocessing is measured against."""
+    raw_dir, reference = task
+    image = Image.open(io.BytesIO(preprocess.read_raw(raw_dir, reference)))
+    image.load()
+    return image.size
+
+
+def _kernel_seconds():
+    """System CPU time of this process and its finished children.
+
+    Preprocessing creates one file per image. On this machine's ext4 (no journal) that takes about
+    0.03 ms, but up to about 1 ms for some minutes after many files were deleted (by an earlier
+    run of this bench or of the tests): ext4 then steps over every recently freed inode before it
+    hands out a new one. That time is spent in the kernel, so a high figure here means a slow disk.
+    """
+    times = os.times()
+    return times.system + times.children_system
+
+
+def bench_preprocess(cfg, overrides):
+    """Preprocessing throughput next to plain full-size decoding, same images, same worker count."""
+    references = [(cfg.raw_dir, reference) for split in preprocess.SPLIT_FOLDERS
+                  for reference in preprocess.raw_images(cfg.raw_dir, split).values()]
+    if not references:
+        sys.exit(preprocess.raw_layout_error(cfg.raw_dir) or f"error: no images in {cfg.raw_dir}")
+    for raw_dir, reference in references:   # warm the page cache so neither run pays for the disk
+        preprocess.read_raw(raw_dir, reference)
+    print(f"{len(references)} images from {cfg.raw_dir}, {cfg.workers} workers, crop={cfg.crop}, "
+          f"image_size={cfg.image_size}")
+
+    # this machine's speed drifts from second to second: alternate the two and keep the best of each.
+    # Every round writes a fresh folder; all are deleted only at the end, as mass deletion slows the disk
+    # (see _kernel_seconds): the per-round lines show whether a round paid for that.
+    decode_rate = preprocess_rate = 0.0
+    with tempfile.TemporaryDirectory() as bench_dir:
+        for round_number in range(ROUNDS):
+            kernel, started = _kernel_seconds(), time.perf_counter()
+            with Pool(cfg.workers) as pool:
+                for _ in pool.imap_unordered(_decode_full, references, chunksize=32):
+                    pass
+            round_decode = len(references) / (time.perf_counter() - started)
+            decode_kernel = (_kernel_seconds() - kernel) / len(references) * 1e3
+            cfg.processed_dir = str(Path(bench_dir) / f"round{round_number}")
+            kernel, started = _kernel_seconds(), time.perf_counter()
+            summary = preprocess.preprocess(cfg, progress=False)
+            round_preprocess = len(references) / (time.perf_counter() - started)
+            preprocess_kernel = (_kernel_seconds() - kernel) / len(references) * 1e3
+            print(f"round {round_number}: decode {round_decode:5.0f} img/s, preprocess {round_preprocess:5.0f} img/s "
+                  f"(kernel time per image: {decode_kernel:.2f} ms, {preprocess_kernel:.2f} ms)")
+            decode_rate, preprocess_rate = max(decode_rate, round_decode), max(preprocess_rate, round_preprocess)
+    print(f"decode only (full size): {decode_rate:7.0f} img/s")
+    print(f"preprocess:              {preprocess_rate:7.0f} img/s ({summary['written']} PNGs written)")
+    print(f"ratio preprocess / decode: {preprocess_rate / decode_rate:.2f} (target >= 0.6)")
+
+
+# --- training ---------------------------------------------------------------------------
+
+FULL_EPOCH = 61_578  # Kaggle's training set
+
+
+def _timed_steps(run_step, steps, device):
+    """Images per second over `steps` calls of run_step(), after two warm-up calls."""
+    for _ in range(2):
+        run_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _matmul_flops(device, size=2048, repeats=10):
+    """The machine's measured dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _timed_steps(lambda: a @ b, repeats, device)
+    return 2 * size ** 3 * repeats / seconds
+
+
+def _training_flops_per_image(model, cfg, device):
+    batch = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(batch).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / cfg.batch_size
+
+
+def bench_train(cfg, overrides):
+    """Training img/s: the model alone on a ready batch vs. the whole pipeline (gather from the
+    in-memory uint8 set, augmentation, step), side by side; FLOPs per image and the fraction of
+    the machine's matmul FLOP/s achieved. On CUDA also the time of one 61,578-image epoch."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    steps = 20 if device.type == "cpu" else 200
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=10 * steps)
+    pool_size = steps * cfg.batch_size if device.type == "cpu" else FULL_EPOCH
+    images_uint8 = torch.randint(0, 256, (pool_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    images_uint8, vote_fractions = images_uint8.to(device), torch.rand(pool_size, 37, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ready_batch, ready_targets = next_batch(images_uint8, vote_fractions, torch.arange(cfg.batch_size, device=device),
+                                            cfg, device, generator)
+    order = torch.randperm(pool_size, device=device)
+    position = [0]
+
+    def model_step():
+        train_step(model, optimizer, scheduler, ready_batch, ready_targets, cfg, device)
+
+    def pipeline_step():
+        start = position[0] % (pool_size - cfg.batch_size + 1)
+        position[0] += cfg.batch_size
+        batch, targets = next_batch(images_uint8, vote_fractions, order[start:start + cfg.batch_size],
+                                    cfg, device, generator)
+        train_step(model, optimizer, scheduler, batch, targets, cfg, device)
+
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f", batch_size {cfg.batch_size}, image_size {cfg.image_size}, amp {cfg.amp and device.type == 'cuda'}, "
+          f"channels_last {cfg.channels_last and device.type == 'cuda'}")
+    # alternate the two, keeping the best of each, because this machine's speed drifts
+    model_rate = pipeline_rate = 0.0
+    for _ in range(ROUNDS):
+        model_rate = max(model_rate, steps * cfg.batch_size / _timed_steps(model_step, steps, device))
+        pipeline_rate = max(pipeline_rate, steps * cfg.batch_size / _timed_steps(pipeline_step, steps, device))
+    flops_per_image = _training_flops_per_image(model, cfg, device)
+    machine_flops = _matmul_flops(device)
+    print(f"model only (ready batch):          {model_rate:8.1f} img/s")
+    print(f"full pipeline (gather+augment+step): {pipeline_rate:8.1f} img/s")
+    print(f"ratio pipeline / model: {pipeline_rate / model_rate:.3f} (target >= 0.95)")
+    print(f"training FLOPs per image: {flops_per_image / 1e9:.2f} GFLOP (forward + backward)")
+    print(f"measured matmul: {machine_flops / 1e9:.1f} GFLOP/s; achieved by training: "
+          f"{flops_per_image * pipeline_rate / 1e9:.1f} GFLOP/s = {flops_per_image * pipeline_rate / machine_flops:.1%}")
+    if device.type == "cuda":
+        epoch_steps = FULL_EPOCH // cfg.batch_size
+        position[0] = 0
+        seconds = _timed_steps(pipeline_step, epoch_steps, device)
+        print(f"one epoch of {epoch_steps * cfg.batch_size} images: {seconds:.2f} s (target < 10 s on one H100)")
+    else:
+        print(f"one epoch of {FULL_EPOCH} images at this rate: {FULL_EPOCH / pipeline_rate:.0f} s (estimated)")
+
+
+# --- accuracy ---------------------------------------------------------------------------
+
+# What each choice around the seed architecture is worth on real galaxies: every row trains from
+# scratch on the real sample with config.py's defaults plus its overrides, and is judged by the
+# best validation RMSE. The first row is the defaults themselves.
+ACCURACY_RUNS = [
+    ("defaults", {}),
+    ("sigmoid head", {"output": "sigmoid"}),
+    ("flips only, no rotation/zoom/shift", {"aug_rotate": 0.0, "aug_zoom": 0.0, "aug_shift": 0.0}),
+    ("center crop", {"crop": "center"}),
+    ("dropout 0.25", {"dropout": 0.25}),
+    ("lr 3e-4", {"lr": 3e-4}),
+    ("batch 32", {"batch_size": 32}),
+]
+
+
+def _train_and_measure(name, overrides, out_dir):
+    """Train once through train.py's command line; (best val RMSE, its epoch, minutes) or the error."""
+    args = [f"--{key}={value}" for key, value in {**overrides, "out_dir": out_dir}.items()]
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    minutes = (time.perf_counter() - started) / 60
+    if result.returncode != 0:
+        return {"run": name, "error": f"train.py exited with {result.returncode}"}
+    metrics = pd.read_csv(Path(out_dir) / "metrics.csv")
+    best = metrics["val_rmse"].idxmin()
+    return {"run": name, "val_rmse": round(metrics["val_rmse"][best], 4), "best_epoch": int(metrics["epoch"][best]),
+            "epochs": int(metrics["epoch"].iloc[-1]), "minutes": round(minutes, 1)}
+
+
+def bench_accuracy(cfg, overrides):
+    """Every row of ACCURACY_RUNS on the real sample; prints the markdown table and saves it as CSV.
+
+    Overrides given on the command line apply to every row (e.g. --epochs=3 for a quick check).
+    """
+    results_dir = Path(cfg.out_dir) / "accuracy"
+    rows = []
+    for name, run_overrides in ACCURACY_RUNS:
+        settings = build_config({"raw_dir": cfg.raw_dir, **overrides, **run_overrides})
+        # one processed folder per crop setting, made once and reused by every row that needs it
+        settings.processed_dir = str(results_dir / f"data_{settings.crop}_{settings.image_size}")
+        preprocess.preprocess(settings, progress=False)
+        slug = name.replace(" ", "_").replace(",", "").replace("/", "-")
+        print(f"training: {name} ...", flush=True)
+        train_overrides = {**run_overrides, **overrides, "processed_dir": settings.processed_dir}
+        rows.append(_train_and_measure(name, train_overrides, results_dir / slug))
+        print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    atomic_write(results_dir / "accuracy.csv", lambda tmp: table.to_csv(tmp, index=False))
+    print(table.to_string(index=False))
+    print(f"saved {results_dir / 'accuracy.csv'}")
+
+
+def main():
+    names = sorted(name[len("bench_"):] for name in globals() if name.startswith("bench_"))
+    if len(sys.argv) < 2 or sys.argv[1] not in names:
+        sys.exit(f"usage: python bench.py <{'|'.join(names)}> [--key=value ...]")
+    try:
+        overrides, _ = parse_overrides(sys.argv[2:])
+        cfg = build_config({"raw_dir": str(SHARED_SAMPLE), **overrides})
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    globals()[f"bench_{sys.argv[1]}"](cfg, overrides)
+
+
+if __name__ == "__main__":
+    main()

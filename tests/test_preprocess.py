@@ -1,0 +1,328 @@
+"""Tests of preprocess.py: the crops, the raw layouts, resuming, bad input, the demo labels, the CLI."""
+import io
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+import preprocess
+from config import build_config
+from conftest import REPO, SHARED_SAMPLE, needs_real_sample
+from dataset import LABEL_COLUMNS, QUESTIONS
+
+
+def blob(size, x, y, sigma, peak):
+    yy, xx = np.mgrid[0:size, 0:size]
+    return peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+
+
+def sky_with_galaxies(size=424, seed=0):
+    """A faint central galaxy (sigma 15 px) and a much brighter neighbour off centre."""
+    rng = np.random.default_rng(seed)
+    image = 10 + rng.normal(0, 2, (size, size)) + blob(size, size / 2, size / 2, 15, 80)
+    return image + blob(size, 90, 330, 20, 240)
+
+
+def jpeg_bytes(array, mode="RGB", quality=95):
+    pixels = np.clip(array, 0, 255).astype(np.uint8)
+    if mode == "RGB" and pixels.ndim == 2:
+        pixels = np.stack([pixels] * 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def run(cfg_overrides):
+    cfg = build_config({"workers": 2, **cfg_overrides})
+    return cfg, preprocess.preprocess(cfg, progress=False)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "preprocess.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+# --- crops ------------------------------------------------------------------------------------
+
+
+def test_roi_box_takes_the_central_galaxy_not_the_brighter_neighbour():
+    cfg = build_config({})
+    left, top, right, bottom = preprocess.roi_box(sky_with_galaxies(), cfg)
+    # above 10% of the peak the blob reaches 15 * sqrt(2 ln 10) = 32 px from its centre: side 64, padded 77
+    assert abs((left + right) / 2 - 212) <= 3 and abs((top + bottom) / 2 - 212) <= 3
+    assert 65 <= right - left <= 90 and right - left == pytest.approx(bottom - top)
+    assert not (left <= 90 <= right and top <= 330 <= bottom)
+
+
+def test_roi_box_on_a_reduced_frame_keeps_raw_pixel_units():
+    cfg = build_config({"roi_min_size": 200})
+    gray = sky_with_galaxies()[::4, ::4]
+    left, top, right, bottom = preprocess.roi_box(gray, cfg, scale=4)
+    assert right - left == pytest.approx(50)   # 200 raw px = 50 px of the 1/4 frame
+
+
+def test_roi_box_with_a_dark_centre_takes_the_nearest_blob():
+    cfg = build_config({})
+    image = 10 + blob(424, 212 + 18, 212, 4, 120) + blob(424, 60, 60, 6, 250)
+    left, top, right, bottom = preprocess.roi_box(image, cfg)
+    assert abs((left + right) / 2 - 230) <= 3 and right - left == pytest.approx(48)   # roi_min_size
+
+
+def test_roi_box_is_shifted_inside_the_frame():
+    cfg = build_config({})
+    image = 10 + blob(424, 212, 212, 150, 200)   # larger than the frame
+    assert preprocess.roi_box(image, cfg) == (0, 0, 424, 424)
+
+
+def test_crop_galaxy_roi_and_center():
+    data = jpeg_bytes(sky_with_galaxies())
+    crop, box = preprocess.crop_galaxy(data, build_config({}))
+    assert crop.size == (64, 64) and crop.mode == "RGB"
+    assert abs((box[0] + box[2]) / 2 - 212) <= 3 and 65 <= box[2] - box[0] <= 90
+    pixels = np.asarray(crop.convert("L"), dtype=float)
+    peak = np.unravel_index(np.argmax(ndimage.uniform_filter(pixels, 5)), pixels.shape)
+    assert abs(peak[0] - 32) <= 3 and abs(peak[1] - 32) <= 3
+    crop, box = preprocess.crop_galaxy(io.BytesIO(data), build_config({"crop": "center"}))
+    assert box == (106, 106, 318, 318) and crop.size == (64, 64)
+
+
+def test_center_box_on_other_sizes():
+    cfg = build_config({"center_crop_size": 212})
+    assert preprocess.center_box(424, 424, cfg) == (106, 106, 318, 318)
+    assert preprocess.center_box(600, 300, cfg) == (194, 44, 406, 256)
+    assert preprocess.center_box(150, 150, cfg) == (0, 0, 150, 150)
+
+
+def test_png_writer_round_trips_through_pillow():
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)   # not square: rows vs columns
+    png = preprocess._png_bytes(Image.fromarray(pixels))
+    Image.open(io.BytesIO(png)).verify()   # the chunk CRCs
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+
+
+def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
+    cfg = build_config({})
+    crop, _ = preprocess.crop_galaxy(jpeg_bytes(sky_with_galaxies(), mode="L"), cfg)
+    assert crop.mode == "RGB"
+    path = tmp_path / "galaxy.jpg"
+    path.write_bytes(jpeg_bytes(sky_with_galaxies()))
+    assert preprocess.crop_galaxy(path, cfg)[0].size == (64, 64)
+    for junk, reason in [(b"", "empty file"), (b"not a jpeg at all", "not an image"),
+                         (jpeg_bytes(sky_with_galaxies())[:3000], "corrupt or truncated"),
+                         (jpeg_bytes(np.zeros((40, 40))), "image too small")]:
+        with pytest.raises(preprocess.BadImage, match=reason):
+            preprocess.crop_galaxy(junk, cfg)
+
+
+# --- raw layouts --------------------------------------------------------------------------------
+
+
+def extract(zip_path, folder):
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(folder)
+
+
+def test_demo_set_preprocesses_completely(demo_processed):
+    processed = Path(demo_processed.processed_dir)
+    labels = pd.read_csv(processed / "labels.csv")
+    assert list(labels.columns) == ["GalaxyID"] + LABEL_COLUMNS and len(labels) == 96
+    assert labels.GalaxyID.is_monotonic_increasing
+    assert sorted(int(p.stem) for p in (processed / "train").glob("*.png")) == list(labels.GalaxyID)
+    assert len(list((processed / "test").glob("*.png"))) == 16
+    assert len(pd.read_csv(processed / "skipped.csv")) == 0
+
+
+def test_extracted_and_flat_zip_layouts_give_the_same_output(demo_raw, demo_processed, tmp_path):
+    expected = pd.read_csv(Path(demo_processed.processed_dir) / "labels.csv")
+    extracted = tmp_path / "extracted"
+    for name in ("images_training_rev1", "images_test_rev1", "training_solutions_rev1"):
+        extract(demo_raw / f"{name}.zip", extracted)
+    flat = tmp_path / "flat"   # zips whose members have no top folder
+    flat.mkdir()
+    shutil.copy(demo_raw / "training_solutions_rev1.zip", flat)
+    for name in ("images_training_rev1", "images_test_rev1"):
+        with zipfile.ZipFile(flat / f"{name}.zip", "w") as archive:
+            for jpeg in (extracted / name).iterdir():
+                archive.write(jpeg, jpeg.name)
+    for raw_dir in (extracted, flat):
+        cfg, summary = run({"raw_dir": str(raw_dir), "processed_dir": str(raw_dir) + "_out"})
+        assert summary["train"] == 96 and summary["test"] == 16
+        pd.testing.assert_frame_equal(pd.read_csv(Path(cfg.processed_dir) / "labels.csv"), expected)
+    reference = preprocess.raw_images(flat, "train")[int(expected.GalaxyID[0])]
+    assert preprocess.read_raw(flat, reference)[:2] == b"\xff\xd8"
+
+
+def test_rerun_resumes(demo_raw, tmp_path):
+    overrides = {"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "out")}
+    cfg, first = run(overrides)
+    assert first["written"] == 112
+    _, second = run(overrides)
+    assert second["written"] == 0 and second["present"] == 112
+    train = tmp_path / "out" / "train"
+    victim = sorted(train.glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])   # as if killed mid-write by an older tool
+    leftover = train / f"{victim.name}.4242.tmp"
+    leftover.write_bytes(b"half a png")
+    _, third = run(overrides)
+    assert third["written"] == 1 and third["train"] == 96
+    assert Image.open(victim).size == (64, 64) and not leftover.exists()
+    _, fourth = run({**overrides, "crop": "center"})   # other crop settings: every PNG is redone
+    assert fourth["written"] == 112
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_input_is_skipped_with_reasons(demo_raw, tmp_path):
+    raw = tmp_path / "raw"
+    extract(demo_raw / "training_solutions_rev1.zip", raw)
+    extract(demo_raw / "images_training_rev1.zip", raw)
+    images = raw / "images_training_rev1"
+    kept = sorted(images.iterdir())[:6]
+    for extra in sorted(images.iterdir())[6:]:
+        extra.unlink()
+    good = kept[0].read_bytes()
+    ids = [int(p.stem) for p in kept]
+    (images / f"{ids[1]}.jpg").write_bytes(good[: len(good) // 2])            # truncated
+    (images / f"{ids[2]}.jpg").write_bytes(b"")                               # zero bytes
+    (images / f"{ids[3]}.jpg").write_bytes(b"<html>not found</html>")         # not a JPEG
+    (images / f"{ids[4]}.jpg").write_bytes(jpeg_bytes(np.full((32, 32), 50.0)))  # too small
+    (images / f"{ids[5]}.jpg").write_bytes(jpeg_bytes(sky_with_galaxies(300), mode="L"))  # gray, 300 px: used
+    (images / "123456789.jpg").write_bytes(good)                              # no label row
+    (images / "galaxy.jpg").write_bytes(good)                                 # name is no GalaxyID
+    table = pd.read_csv(raw / "training_solutions_rev1.csv")
+    table.loc[table.GalaxyID == ids[5], "Class1.1"] = 0.5                     # ... duplicate below
+    broken = table[table.GalaxyID.isin(ids[:1])].copy()
+    nan_row, high_row, bad_id_row = broken.copy(), broken.copy(), broken.copy()
+    nan_row["GalaxyID"], nan_row["Class3.1"] = 555001, np.nan
+    high_row["GalaxyID"], high_row["Class1.1"] = 555002, 1.5
+    bad_id_row["GalaxyID"] = "abc"
+    duplicate = table[table.GalaxyID == ids[0]].assign(**{"Class1.1": 0.99})
+    table = pd.concat([table, duplicate, nan_row, high_row, bad_id_row])
+    table.to_csv(raw / "training_solutions_rev1.csv", index=False)
+    for jpeg_id in (555001, 555002):
+        (images / f"{jpeg_id}.jpg").write_bytes(good)
+
+    cfg, summary = run({"raw_dir": str(raw), "processed_dir": str(tmp_path / "out")})
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv", dtype=str)
+    reasons = {(row.galaxy_id, row.reason.split(":")[0]) for row in skipped.itertuples()}
+    for galaxy_id, reason in [(ids[1], "corrupt or truncated image"), (ids[2], "empty file"),
+                              (ids[3], "not an image"), (ids[4], "image too small"),
+                              (123456789, "image without label row"), (ids[0], "duplicate GalaxyID in labels"),
+                              (555001, "label value missing or not a number"),
+                              (555002, "label value outside [0, 1]"), ("abc", "bad GalaxyID in labels")]:
+        assert (str(galaxy_id), reason) in reasons
+    assert ("nan", "file name is not a GalaxyID") in {(str(g).lower(), r) for g, r in reasons}
+    assert summary["skipped"]["label row without image"] == 96 - 6
+    labels = pd.read_csv(tmp_path / "out" / "labels.csv")
+    assert list(labels.GalaxyID) == [ids[0], ids[5]]
+    assert labels.loc[0, "Class1.1"] != 0.99   # the first of the duplicated rows is kept
+    assert summary["train"] == 2 and sum(summary["skipped"].values()) == len(skipped)
+
+
+def test_labels_with_missing_columns_exit_with_the_file_and_columns(demo_raw, tmp_path):
+    raw = tmp_path / "raw"
+    extract(demo_raw / "images_training_rev1.zip", raw)
+    extract(demo_raw / "training_solutions_rev1.zip", raw)
+    csv = raw / "training_solutions_rev1.csv"
+    pd.read_csv(csv).drop(columns=["Class7.2", "Class11.6"]).to_csv(csv, index=False)
+    with pytest.raises(SystemExit, match=r"training_solutions_rev1.csv lacks the columns Class7.2, Class11.6"):
+        run({"raw_dir": str(raw), "processed_dir": str(tmp_path / "out")})
+
+
+def test_missing_or_empty_raw_dir_says_what_goes_where(tmp_path):
+    for raw_dir in (tmp_path / "nowhere", tmp_path):
+        with pytest.raises(SystemExit) as stop:
+            run({"raw_dir": str(raw_dir), "processed_dir": str(tmp_path / "out")})
+        message = str(stop.value.code)
+        assert "kaggle competitions download -c galaxy-zoo-the-galaxy-challenge" in message
+        assert "images_training_rev1.zip" in message and "unzipping is not needed" in message
+    only_junk = tmp_path / "junk" / "images_test_rev1"
+    only_junk.mkdir(parents=True)
+    (only_junk / "1.jpg").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="no image could be used"):
+        run({"raw_dir": str(only_junk.parent), "processed_dir": str(tmp_path / "out2")})
+
+
+# --- the demo generator -------------------------------------------------------------------------
+
+
+def test_demo_labels_obey_the_decision_tree(demo_raw):
+    with zipfile.ZipFile(demo_raw / "training_solutions_rev1.zip") as archive:
+        labels = pd.read_csv(archive.open("training_solutions_rev1.csv"))
+    assert len(labels) == 96 and labels.GalaxyID.is_unique
+    values = labels[LABEL_COLUMNS]
+    assert ((values >= 0) & (values <= 1)).all().all()
+    for question in QUESTIONS:
+        parent = labels[question.parent] if question.parent else 1.0
+        np.testing.assert_allclose(values[question.columns].sum(axis=1), parent, atol=1e-9)
+    # the labels follow what was drawn, so they vary: smooth vs featured, round vs cigar
+    assert labels["Class1.1"].std() > 0.2 and labels["Class7.1"].max() > 0.3 and labels["Class2.1"].max() > 0.3
+
+
+def test_make_demo_reuses_its_set_and_refuses_other_folders(demo_raw, tmp_path):
+    stamp = (demo_raw / "images_training_rev1.zip").stat().st_mtime_ns
+    preprocess.make_demo(demo_raw, 96, 16, 1337, progress=False)
+    assert (demo_raw / "images_training_rev1.zip").stat().st_mtime_ns == stamp
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="refusing"):
+        preprocess.make_demo(tmp_path, 4, 1, 0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_make_demo_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        preprocess.make_demo(tmp_path / name, 3, 1, 7, progress=False)
+    for name in ("images_training_rev1.zip", "images_test_rev1.zip"):
+        with zipfile.ZipFile(tmp_path / "a" / name) as a, zipfile.ZipFile(tmp_path / "b" / name) as b:
+            assert [(i.filename, i.CRC) for i in a.infolist()] == [(i.filename, i.CRC) for i in b.infolist()]
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_overrides_and_unknown_keys(demo_raw, tmp_path):
+    result = run_cli(f"--raw_dir={demo_raw}", f"--processed_dir={tmp_path}", "--crop=center", "--image_size=32",
+                     "--workers=1")
+    assert result.returncode == 0, result.stderr
+    assert "112 PNGs written" in result.stdout
+    assert Image.open(next((tmp_path / "test").glob("*.png"))).size == (32, 32)
+    assert '"crop": "center"' in (tmp_path / preprocess.SETTINGS_FILE).read_text()
+    result = run_cli("--cropp=center")
+    assert result.returncode != 0 and "unknown key --cropp" in result.stderr
+    result = run_cli(f"--raw_dir={tmp_path / 'missing'}")
+    assert result.returncode != 0 and "kaggle competitions download" in result.stderr
+
+
+# --- the real sample ----------------------------------------------------------------------------
+
+
+@needs_real_sample
+def test_real_sample(tmp_path):
+    cfg, summary = run({"raw_dir": str(SHARED_SAMPLE), "processed_dir": str(tmp_path)})
+    assert summary["train"] == 3000 and summary["test"] == 200 and not summary["skipped"]
+    assert len(list((tmp_path / "train").glob("*.png"))) == 3000
+    assert len(list((tmp_path / "test").glob("*.png"))) == 200
+    assert len(pd.read_csv(tmp_path / "labels.csv")) == 3000
+
+    # the box is centred on the thresholded galaxy's extent, which arms, halos and touching
+    # neighbours make lopsided: measured on this sample, the median offset is 6 px and 87% are
+    # within 15 px of the frame centre; the brightest spot of 95% of the crops is near their centre
+    references = sorted(preprocess.raw_images(SHARED_SAMPLE, "train").values())[::10]
+    offsets, bright_offsets = [], []
+    for reference in references:
+        crop, (left, top, right, bottom) = preprocess.crop_galaxy(preprocess.read_raw(SHARED_SAMPLE, reference), cfg)
+        offsets.append(max(abs((left + right) / 2 - 212), abs((top + bottom) / 2 - 212)))
+        gray = ndimage.uniform_filter(np.asarray(crop.convert("L"), dtype=float), 5)
+        y, x = np.unravel_index(np.argmax(gray), gray.shape)
+        bright_offsets.append(max(abs(y - 32), abs(x - 32)))
+    assert np.median(offsets) <= 8 and np.mean(np.array(offsets) <= 15) >= 0.8
+    assert np.mean(np.array(bright_offsets) <= 8) >= 0.9
