@@ -172,7 +172,6 @@ def train(cfg, checkpoint):
     is_main = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
 
     galaxy_ids, images, vote_fractions = load_training_set(cfg)
     split = split_for_run(cfg, galaxy_ids, write=is_main)
