@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dataset import LABEL_COLUMNS
-from model import GalaxyCNN
+from model import GalaxyCNN, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1"]
@@ -147,3 +147,14 @@ def test_checkpoint_records_the_crop_the_pngs_were_made_with(demo_processed, tmp
     (processed / "preprocess.json").write_text(json.dumps({**settings, "crop": "center"}))
     run_train(f"--processed_dir={processed}", f"--out_dir={tmp_path / 'run'}", *SMALL, "--max_steps=1")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["crop"] == "center"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and the dev machine have none)")
+def test_cuda_run_with_bf16_and_channels_last_loads_on_cpu(data_args, tmp_path):
+    result = run_train(*data_args, "--device=cuda", "--amp=true", "--channels_last=true", "--epochs=2",
+                       f"--out_dir={tmp_path}")
+    assert "device cuda" in result.stdout
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["val_rmse"].notna().all() and (metrics["train_loss"] < 1).all()
+    model, cfg = load_model(tmp_path / "best.pt", "cpu")
+    assert cfg.device == "cuda" and next(model.parameters()).device.type == "cpu"
