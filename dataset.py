@@ -243,7 +243,3 @@ def augment(images, cfg, generator):
         factor = 1 + (torch.rand(n, 1, 1, 1, generator=generator, device=images.device) * 2 - 1) * cfg.aug_brightness
         images = (images * factor.to(images.dtype)).clamp_(0, 1)
     return images
-
-
-def to_float(images_uint8):
-    return images_uint8.float().div_(255)
