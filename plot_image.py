@@ -23,7 +23,7 @@ from config import get_config
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from model import CheckpointError, load_model, predict, resolve_device, rmse
 
-SPLIT_NAMES = {"train": "training set", "test": "Kaggle test set"}
+SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
 
 
