@@ -11,7 +11,7 @@ from PIL import Image
 import plot_image
 from dataset import LABEL_COLUMNS, png_ids, read_labels
 from plot_image import closest_ids, find_galaxy, galaxy_images, plot_galaxy, true_vote_fractions
-from test_predict import demo_config, one_line_error, run_script, save_checkpoint
+from helpers import demo_config, one_line_error, run_script, save_checkpoint
 
 
 def run_plot(*args):

@@ -1,9 +1,6 @@
 """predict.py on the small synthetic set: the submission file, raw vs processed input, skipped
 images, test-time augmentation, and the per-question evaluation."""
-import json
 import math
-import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -13,46 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-import preprocess
 from config import Config
-from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, make_split, png_ids, read_labels, save_split
+from helpers import demo_config, one_line_error, run_script, save_checkpoint
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
 from model import build_model, predict
 from predict import evaluation_table, kaggle_test_images, load_processed, load_raw, question_rmse
 from predict import main as predict_main
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers=1", "--batch_size=16"]
-
-
-def run_script(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
 
 
 def run_predict(*args):
     return run_script("predict.py", *args)
-
-
-def one_line_error(result):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def save_checkpoint(path, cfg, galaxy_ids=None, seed=0):
-    """A checkpoint as train.py writes it (random weights: the tests need a model, not a good
-    one), with split.csv beside it when galaxy_ids are given."""
-    torch.manual_seed(seed)
-    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
-    if galaxy_ids is not None:
-        save_split(make_split(galaxy_ids, cfg.seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
-    return path
-
-
-def demo_config(processed_dir):
-    """A Config with the crop settings the demo PNGs were made with (as training would use)."""
-    with open(os.path.join(processed_dir, preprocess.SETTINGS_FILE)) as f:
-        return Config(**json.load(f), processed_dir=str(processed_dir))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,42 @@
+"""Helpers shared by the test files: running a script, a random-weight checkpoint, the demo config."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import preprocess
+from config import Config
+from dataset import make_split, save_split
+from model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def save_checkpoint(path, cfg, galaxy_ids=None, seed=0):
+    """A checkpoint as train.py writes it (random weights: the tests need a model, not a good
+    one), with split.csv beside it when galaxy_ids are given."""
+    torch.manual_seed(seed)
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
+    if galaxy_ids is not None:
+        save_split(make_split(galaxy_ids, cfg.seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
+    return path
+
+
+def demo_config(processed_dir):
+    """A Config with the crop settings the demo PNGs were made with (as training would use)."""
+    with open(os.path.join(processed_dir, preprocess.SETTINGS_FILE)) as f:
+        return Config(**json.load(f), processed_dir=str(processed_dir))
