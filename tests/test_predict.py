@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from config import Config
-from helpers import demo_config, one_line_error, run_script, save_checkpoint
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
+from helpers import demo_config, one_line_error, run_script, save_checkpoint
 from model import build_model, predict
 from predict import evaluation_table, kaggle_test_images, load_processed, load_raw, question_rmse
 from predict import main as predict_main
