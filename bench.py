@@ -223,7 +223,7 @@ def _train_and_measure(name, overrides, out_dir):
     minutes = (time.perf_counter() - started) / 60
     metrics = pd.read_csv(Path(out_dir) / "metrics.csv")
     best = metrics["val_rmse"].idxmin()
-    row = {"run": name, "val_rmse": round(metrics["val_rmse"][best], 4), "best_epoch": int(metrics["epoch"][best]),
+    row = {"run": name, "val_rmse": round(float(metrics["val_rmse"][best]), 4), "best_epoch": int(metrics["epoch"][best]),
            "epochs": int(metrics["epoch"].iloc[-1]), "train_minutes": round(minutes, 1)}
     tta_args = [f"--checkpoint={Path(out_dir) / 'best.pt'}", f"--processed_dir={overrides['processed_dir']}",
                 f"--out_dir={out_dir}", "--split=val", "--tta"]
