@@ -94,7 +94,7 @@ FULL_EPOCH = 61_578  # Kaggle's training set
 
 
 def _timed_steps(run_step, steps, device):
-    """Images per second over `steps` calls of run_step(), after two warm-up calls."""
+    """Seconds taken by `steps` calls of run_step(), after two warm-up calls."""
     for _ in range(2):
         run_step()
     if device.type == "cuda":

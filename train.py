@@ -219,10 +219,12 @@ def train(cfg, checkpoint):
               f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | "
               f"mean-prediction val RMSE {baseline_val_rmse:.4f}")
 
-    def save_last():
+    def save(*names):
+        """Rank 0 writes the current state once under each name in out_dir."""
         if is_main:
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device)
-            save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), state)
+            for name in names:
+                save_checkpoint(os.path.join(cfg.out_dir, name), state)
 
     model.train()
     while progress["epoch"] < cfg.epochs:
@@ -237,12 +239,13 @@ def train(cfg, checkpoint):
             loss = train_step(model, optimizer, scheduler, batch, targets, cfg, device)
             progress["step_in_epoch"] = step + 1
             progress["global_step"] += 1
-            progress["epoch_loss_sum"] += loss.item()
+            loss = loss.item()  # one device sync per step
+            progress["epoch_loss_sum"] += loss
             bar.update(cfg.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if stop_requested(world_size) or progress["global_step"] == cfg.max_steps:
                 bar.close()
-                save_last()
+                save("last.pt")
                 if is_main:
                     why = f"signal {STOP_SIGNAL}" if STOP_SIGNAL else f"max_steps={cfg.max_steps}"
                     print(f"stopped by {why}; saved {cfg.out_dir}/last.pt (resume with --resume)")
@@ -264,10 +267,7 @@ def train(cfg, checkpoint):
         if is_main:
             print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | val RMSE {val_rmse:.5f}"
                   f"{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}")
-            save_last()
-            if improved:
-                save_checkpoint(os.path.join(cfg.out_dir, "best.pt"),
-                                checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device))
+            save(*(["last.pt", "best.pt"] if improved else ["last.pt"]))
             write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse)
 
     if is_main:
