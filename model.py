@@ -115,7 +115,11 @@ def load_state(model, state_dict, path):
 
 def load_model(path, device="cpu"):
     """Rebuild the trained model from a checkpoint: returns (model in eval mode, its Config)."""
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(checkpoint, path, device="cpu"):
+    """load_model for a checkpoint already read (by read_checkpoint) from path."""
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no model/config; it was not written by train.py")
     cfg = config_from_dict(checkpoint["config"])

@@ -6,7 +6,8 @@
 
 Kaggle's test images come from processed_dir/test/*.png when preprocess.py has written them
 with the checkpoint's crop settings, else straight from the raw JPEGs (zip or folder) in
-raw_dir, cropped exactly as in training. Unreadable images are skipped and listed, never fatal.
+raw_dir, cropped exactly as in training. Unreadable images are listed in submission_skipped.csv,
+never fatal, and get the training split's mean vote fractions, as Kaggle wants a row for each.
 """
 import os
 import sys
@@ -22,7 +23,7 @@ import preprocess
 from config import get_config
 from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, png_ids, read_labels,
                      read_png, read_split)
-from model import CheckpointError, load_model, predict, resolve_device, rmse
+from model import CheckpointError, model_from_checkpoint, predict, read_checkpoint, resolve_device, rmse
 
 
 # --- the metric per question ---------------------------------------------------------------
@@ -138,27 +139,54 @@ def write_submission(path, galaxy_ids, predictions):
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
 
 
-def report_skipped(skipped, path):
+def fallback_prediction(checkpoint, processed_dir):
+    """The vote fractions given to a test galaxy whose image cannot be read, or None.
+
+    Kaggle scores only a file with a row for every test galaxy, and the best guess without an
+    image is the mean of the training split, which the checkpoint carries (older checkpoints
+    lack it: then the mean of labels.csv).
+    """
+    if checkpoint.get("train_mean") is not None:
+        return np.asarray(checkpoint["train_mean"], np.float32)
+    try:
+        return read_labels(processed_dir)[1].mean(0)
+    except DataError:
+        return None
+
+
+def fill_skipped(galaxy_ids, predictions, skipped, fallback):
+    """Add a row of fallback vote fractions for each skipped galaxy with a GalaxyID; return the count."""
+    missing = sorted({int(gid) for gid, _ in skipped if str(gid).isdigit()} - set(galaxy_ids.tolist()))
+    if fallback is None or not missing:
+        return galaxy_ids, predictions, 0
+    filler = np.repeat(np.asarray(fallback, np.float32)[None], len(missing), axis=0)
+    return np.concatenate([galaxy_ids, missing]), np.concatenate([predictions, filler]), len(missing)
+
+
+def report_skipped(skipped, filled, path):
     """One line with the count and the first IDs; the full list goes to path."""
     if not skipped:
         return
     table = pd.DataFrame(skipped, columns=["GalaxyID", "reason"])
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     first = ", ".join(str(gid) for gid, _ in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-    print(f"skipped {len(skipped)} unreadable test images (no row in the submission): {first}; see {path}")
+    fate = (f"{filled} of them get the training mean in the submission" if filled
+            else "no row in the submission")
+    print(f"skipped {len(skipped)} unreadable test images ({fate}): {first}; see {path}")
 
 
-def predict_kaggle(cfg, model, model_cfg):
+def predict_kaggle(cfg, model, model_cfg, fallback):
     tasks, worker, source = kaggle_test_images(cfg, model_cfg)
     print(f"predicting {len(tasks)} test galaxies from {source}"
           f"{' with 8-fold TTA' if cfg.tta else ''}")
     galaxy_ids, predictions, skipped = predict_tasks(model, tasks, worker, model_cfg, cfg)
     if worker is load_processed:
         skipped = preprocess_skipped(cfg.processed_dir) + skipped
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    report_skipped(skipped, os.path.join(cfg.out_dir, "submission_skipped.csv"))
     if not len(galaxy_ids):
         raise DataError("no test image could be read; nothing to submit")
+    galaxy_ids, predictions, filled = fill_skipped(galaxy_ids, predictions, skipped, fallback)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    report_skipped(skipped, filled, os.path.join(cfg.out_dir, "submission_skipped.csv"))
     path = os.path.join(cfg.out_dir, "submission.csv")
     write_submission(path, galaxy_ids, predictions)
     print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
@@ -245,9 +273,10 @@ def main():
     cfg = get_config()
     checkpoint = checkpoint_path(cfg)
     try:
-        model, model_cfg = load_model(checkpoint, resolve_device(cfg.device))
+        saved = read_checkpoint(checkpoint)
+        model, model_cfg = model_from_checkpoint(saved, checkpoint, resolve_device(cfg.device))
         if cfg.split == "kaggle":
-            predict_kaggle(cfg, model, model_cfg)
+            predict_kaggle(cfg, model, model_cfg, fallback_prediction(saved, cfg.processed_dir))
         else:
             evaluate_split(cfg, model, model_cfg, checkpoint)
     except (DataError, CheckpointError) as err:

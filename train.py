@@ -126,12 +126,13 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device):
+def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean):
     return {
         "model": raw_model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "config": cfg.to_dict(),
+        "train_mean": train_mean,  # predict.py's answer for a test image it cannot read
         **progress,
         "rng": {
             "torch": torch.get_rng_state(),
@@ -222,7 +223,8 @@ def train(cfg, checkpoint):
     def save(*names):
         """Rank 0 writes the current state once under each name in out_dir."""
         if is_main:
-            state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device)
+            state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
+                                     mean_prediction)
             for name in names:
                 save_checkpoint(os.path.join(cfg.out_dir, name), state)
 

@@ -26,11 +26,11 @@ def one_line_error(result):
     return lines[0]
 
 
-def save_checkpoint(path, cfg, galaxy_ids=None, seed=0):
+def save_checkpoint(path, cfg, galaxy_ids=None, seed=0, train_mean=None):
     """A checkpoint as train.py writes it (random weights: the tests need a model, not a good
     one), with split.csv beside it when galaxy_ids are given."""
     torch.manual_seed(seed)
-    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
+    torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict(), "train_mean": train_mean}, path)
     if galaxy_ids is not None:
         save_split(make_split(galaxy_ids, cfg.seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
     return path

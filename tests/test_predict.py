@@ -14,7 +14,8 @@ from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
 from helpers import demo_config, one_line_error, run_script, save_checkpoint
 from model import build_model, predict
-from predict import evaluation_table, kaggle_test_images, load_processed, load_raw, question_rmse
+from predict import (evaluation_table, fallback_prediction, fill_skipped, kaggle_test_images, load_processed, load_raw,
+                     question_rmse)
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16"]
@@ -82,13 +83,40 @@ def test_corrupt_test_jpegs_are_skipped_and_reported(demo, tmp_path):
     (folder / f"{truncated}.jpg").write_bytes(jpegs[truncated][:200])
     (folder / "999999.jpg").write_bytes(b"")
 
-    result = run_predict(f"--checkpoint={demo['checkpoint']}", f"--raw_dir={raw_dir}", "--tta=true",
+    (folder / "galaxy.jpg").write_bytes(jpegs[good[0]])   # no GalaxyID: no row to fill
+    train_mean = torch.linspace(0.1, 0.9, len(LABEL_COLUMNS))
+    checkpoint = save_checkpoint(tmp_path / "best.pt", demo["cfg"], train_mean=train_mean)
+
+    result = run_predict(f"--checkpoint={checkpoint}", f"--raw_dir={raw_dir}", "--tta=true",
                          f"--processed_dir={demo['missing']}", f"--out_dir={tmp_path}", "--workers=2")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 2 unreadable test images" in result.stdout
+    assert "skipped 2 unreadable test images (2 of them get the training mean" in result.stdout
     assert str(truncated) in result.stdout and "999999" in result.stdout
-    assert pd.read_csv(tmp_path / "submission.csv")["GalaxyID"].tolist() == good
     assert sorted(pd.read_csv(tmp_path / "submission_skipped.csv")["GalaxyID"]) == [truncated, 999999]
+    # Kaggle scores only complete files: the unreadable galaxies get the checkpoint's training mean
+    submission = pd.read_csv(tmp_path / "submission.csv").set_index("GalaxyID")
+    assert submission.index.tolist() == sorted(good + [truncated, 999999])
+    for galaxy_id in (truncated, 999999):
+        np.testing.assert_allclose(submission.loc[galaxy_id, LABEL_COLUMNS], train_mean.numpy(), atol=1e-6)
+    assert not np.allclose(submission.loc[good[0], LABEL_COLUMNS], train_mean.numpy(), atol=1e-3)
+
+
+def test_fallback_is_the_checkpoints_mean_else_that_of_labels_csv(demo):
+    train_mean = np.full(len(LABEL_COLUMNS), 0.25, np.float32)
+    assert np.array_equal(fallback_prediction({"train_mean": torch.from_numpy(train_mean)}, demo["missing"]),
+                          train_mean)
+    np.testing.assert_allclose(fallback_prediction({}, demo["processed_dir"]),   # a checkpoint from before
+                               read_labels(demo["processed_dir"])[1].mean(0))
+    assert fallback_prediction({"train_mean": None}, demo["missing"]) is None
+
+
+def test_fill_skipped_adds_one_row_per_skipped_galaxy_id():
+    galaxy_ids, predictions = np.array([5, 7]), np.zeros((2, len(LABEL_COLUMNS)), np.float32)
+    skipped = [(9, "corrupt"), ("3", "preprocess.py: empty file"), ("", "file name is not a GalaxyID"),
+               (5, "listed twice")]
+    ids, rows, filled = fill_skipped(galaxy_ids, predictions, skipped, np.ones(len(LABEL_COLUMNS)))
+    assert filled == 2 and ids.tolist() == [5, 7, 3, 9] and rows[2:].min() == 1 and rows[:2].max() == 0
+    assert fill_skipped(galaxy_ids, predictions, skipped, None)[2] == 0
 
 
 def main_error(monkeypatch, *args):

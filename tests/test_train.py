@@ -56,8 +56,14 @@ def test_training_writes_checkpoints_metrics_and_plot(full_run):
     assert {"train_loss", "val_rmse", "img_per_s"} <= set(metrics.columns)
     assert "test RMSE" in result.stdout and "mean-prediction baseline" in result.stdout
     checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng"} <= set(checkpoint)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng", "train_mean"} <= set(checkpoint)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["epochs"] == 2
+    # the mean vote fractions of the train split, predict.py's answer for an unreadable test image
+    split = pd.read_csv(out_dir / "split.csv")
+    labels = pd.read_csv(Path(checkpoint["config"]["processed_dir"]) / "labels.csv").set_index("GalaxyID")
+    train_ids = split.loc[split["split"] == "train", "GalaxyID"]
+    torch.testing.assert_close(checkpoint["train_mean"],
+                               torch.tensor(labels.loc[train_ids, LABEL_COLUMNS].to_numpy().mean(0), dtype=torch.float32))
 
 
 def test_same_seed_gives_the_same_losses_on_cpu(full_run, data_args, tmp_path):
