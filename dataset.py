@@ -60,9 +60,10 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    finally:
+    except BaseException:   # Ctrl-C included: leave no temporary file behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
 
 
 # --- labels and images ------------------------------------------------------------

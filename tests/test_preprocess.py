@@ -75,6 +75,27 @@ def test_roi_box_with_a_dark_centre_takes_the_nearest_blob():
     assert abs((left + right) / 2 - 230) <= 3 and right - left == pytest.approx(48)   # roi_min_size
 
 
+def test_central_blob_is_the_same_as_labelling_the_whole_frame():
+    """_central_blob labels a central window first; blobs that reach its edge, dark centres and
+    blobs nearest to a dark centre from outside the window must give what the whole frame gives."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        size = int(rng.integers(20, 120))
+        smooth = ndimage.uniform_filter(rng.random((size, size)), int(rng.integers(1, 9)))
+        level = np.quantile(smooth, rng.uniform(0.3, 0.97))
+        cy, cx = size // 2, size // 2
+        blobs, _ = ndimage.label(smooth > level)
+        galaxy = blobs[cy, cx]
+        if galaxy == 0:
+            ys, xs = np.nonzero(blobs)
+            if not len(ys):
+                continue
+            nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
+            galaxy = blobs[ys[nearest], xs[nearest]]
+        expected = ndimage.find_objects((blobs == galaxy).astype(int))[0]
+        assert preprocess._central_blob(smooth, level, cy, cx) == expected, trial
+
+
 def test_roi_box_is_shifted_inside_the_frame():
     cfg = build_config({})
     image = 10 + blob(424, 212, 212, 150, 200)   # larger than the frame
@@ -106,6 +127,25 @@ def test_png_writer_round_trips_through_pillow():
     Image.open(io.BytesIO(png)).verify()   # the chunk CRCs
     with Image.open(io.BytesIO(png)) as image:
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize("unnamed_files", [True, False])   # Linux's O_TMPFILE, and the portable way
+def test_files_are_written_whole_and_replace_old_ones(tmp_path, monkeypatch, unnamed_files):
+    if not unnamed_files:
+        monkeypatch.delattr(preprocess.os, "O_TMPFILE", raising=False)
+    preprocess._write_whole(str(tmp_path / "new.png"), b"new")
+    (tmp_path / "old.png").write_bytes(b"a half-written file from a killed older tool")
+    preprocess._write_whole(str(tmp_path / "old.png"), b"replaced")
+    assert (tmp_path / "new.png").read_bytes() == b"new" and (tmp_path / "old.png").read_bytes() == b"replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.png", "old.png"]   # no temporary files left
+
+
+def test_labels_csv_text_is_what_pandas_writes():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.random((5, len(LABEL_COLUMNS))), np.zeros((1, len(LABEL_COLUMNS)))])
+    values[0, :3] = [1.0, 0.175681575, 1e-7]   # Kaggle's 9 decimals, whole numbers, tiny ones
+    labels = pd.DataFrame(values, columns=LABEL_COLUMNS, index=pd.Index([100008, 5, 999999, 7, 8, 9], name="GalaxyID"))
+    assert preprocess._labels_csv(labels) == labels.reset_index().to_csv(index=False)
 
 
 def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
