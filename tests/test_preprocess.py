@@ -1,8 +1,11 @@
 """Tests of preprocess.py: the crops, the raw layouts, resuming, bad input, the demo labels, the CLI."""
 import io
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -216,6 +219,41 @@ def test_rerun_resumes(demo_raw, tmp_path):
     assert Image.open(victim).size == (64, 64) and not leftover.exists()
     _, fourth = run({**overrides, "crop": "center"})   # other crop settings: every PNG is redone
     assert fourth["written"] == 112
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(demo_raw, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-run: exit 130, only
+    complete PNGs and no temporary files left; the same command then writes just the rest."""
+    raw = tmp_path / "raw"
+    extract(demo_raw / "images_training_rev1.zip", raw)
+    extract(demo_raw / "training_solutions_rev1.zip", raw)
+    images, csv = raw / "images_training_rev1", raw / "training_solutions_rev1.csv"
+    jpegs, labels = sorted(images.iterdir()), pd.read_csv(csv)
+    copies = []   # 30 copies of the 96 galaxies under new IDs: a run long enough to interrupt
+    for copy in range(1, 30):
+        for jpeg in jpegs:
+            (images / f"{copy}{jpeg.name}").write_bytes(jpeg.read_bytes())
+        copies.append(labels.assign(GalaxyID=[int(f"{copy}{galaxy_id}") for galaxy_id in labels.GalaxyID]))
+    pd.concat([labels] + copies).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "preprocess.py"), f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    while len(list((out / "train").glob("*.png"))) < 100:   # well under way
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted: the PNGs already written are kept" in stderr, stderr
+    written = sorted((out / "train").iterdir())
+    assert 100 <= len(written) < 30 * 96 and all(path.suffix == ".png" for path in written)
+    for path in written:
+        with Image.open(path) as image:
+            image.load()
+            assert image.size == (64, 64)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{30 * 96 - len(written)} PNGs written, {len(written)} already present" in rerun.stdout
 
 
 # --- bad input ----------------------------------------------------------------------------------
