@@ -89,7 +89,13 @@ def make_optimizer(model, cfg, steps_per_epoch):
         # +1: the scheduler also steps after the very last batch
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps + 1)
     elif cfg.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        # after a linear warm-up over the first 5% of steps: starting at the full lr of 1e-3,
+        # the network went dead within the first epoch (benchmarks/ACCURACY.md)
+        warmup = max(1, total_steps // 20)
+        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / 25, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))],
+            milestones=[warmup])
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler

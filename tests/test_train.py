@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from dataset import LABEL_COLUMNS
+from config import Config
 from model import GalaxyCNN, load_model
+from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1"]
@@ -164,3 +166,17 @@ def test_cuda_run_with_bf16_and_channels_last_loads_on_cpu(data_args, tmp_path):
     assert metrics["val_rmse"].notna().all() and (metrics["train_loss"] < 1).all()
     model, cfg = load_model(tmp_path / "best.pt", "cpu")
     assert cfg.device == "cuda" and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_schedules_warm_up_then_decay_to_zero(schedule):
+    cfg = Config(schedule=schedule, lr=1e-3, epochs=4)
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), cfg, steps_per_epoch=50)
+    rates = []
+    for _ in range(cfg.epochs * 50):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak = max(range(len(rates)), key=rates.__getitem__)
+    assert rates[0] < 0.1 * cfg.lr and 0 < peak < len(rates) // 2   # a warm-up, then the peak
+    assert rates[peak] == pytest.approx(cfg.lr, rel=0.01) and rates[-1] < 0.01 * cfg.lr
