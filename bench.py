@@ -221,6 +221,10 @@ ACCURACY_RUNS = [
     ("tree head, dropout 0.1, rotate/zoom/shift, 40 epochs",
      {**SEED_SETTINGS, "output": "tree", "dropout": 0.1, **ROTATE_ZOOM_SHIFT, "epochs": 40}),
     ("config.py defaults: tree head, dropout 0.1, flips only, 40 epochs", {}),
+    ("defaults but lr 2e-3", {"lr": 2e-3}),
+    ("defaults but batch size 32", {"batch_size": 32}),
+    ("defaults but cosine schedule", {"schedule": "cosine"}),
+    ("defaults but center crop", {"crop": "center"}),
 ]
 
 
