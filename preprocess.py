@@ -457,11 +457,6 @@ def _png_bytes(image):
             + _png_chunk(b"IDAT", zlib.compress(rows, level=0)) + _png_chunk(b"IEND", b""))
 
 
-def _write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 _folder_fds = {}   # this process's open output folders, for os.link
 
 
@@ -477,7 +472,7 @@ def _write_whole(path, data):
     try:
         fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except (AttributeError, OSError):   # not Linux, or a file system without unnamed files
-        return atomic_write(path, lambda temporary: _write_bytes(temporary, data))
+        return atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
     try:
         with open(fd, "wb", closefd=False) as f:
             f.write(data)
@@ -485,7 +480,7 @@ def _write_whole(path, data):
             _folder_fds[folder] = os.open(folder, os.O_RDONLY)
         os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=_folder_fds[folder])   # linkat(AT_SYMLINK_FOLLOW)
     except OSError:   # the file exists (a re-run replacing a broken PNG), or no /proc
-        atomic_write(path, lambda temporary: _write_bytes(temporary, data))
+        atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
     finally:
         os.close(fd)
 
