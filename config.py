@@ -41,7 +41,8 @@ class Config:
     demo_test: int = 200          # synthetic test galaxies written by --demo
 
     # --- data split and augmentation ----------------------------------------
-    seed: int = 1337
+    split_seed: int = 1337        # fixes which galaxies are train, val and test (out_dir/split.csv)
+    seed: int = 1337              # initial weights, shuffling, augmentation and dropout
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     aug_flips: bool = True        # the 8 rotations/flips of the square

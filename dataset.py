@@ -182,7 +182,7 @@ def split_for_run(cfg, galaxy_ids, write=True):
         if np.isin(galaxy_ids, known).all():
             return split
         raise DataError(f"{path} was made for other galaxies; use a new --out_dir or delete it")
-    split = make_split(galaxy_ids, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    split = make_split(galaxy_ids, cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
     if write:
         os.makedirs(cfg.out_dir, exist_ok=True)
         save_split(split, path)

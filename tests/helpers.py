@@ -32,7 +32,7 @@ def save_checkpoint(path, cfg, galaxy_ids=None, seed=0, train_mean=None):
     torch.manual_seed(seed)
     torch.save({"model": build_model(cfg).state_dict(), "config": cfg.to_dict(), "train_mean": train_mean}, path)
     if galaxy_ids is not None:
-        save_split(make_split(galaxy_ids, cfg.seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
+        save_split(make_split(galaxy_ids, cfg.split_seed, 0.2, 0.2), os.path.join(os.path.dirname(path), "split.csv"))
     return path
 
 
