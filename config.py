@@ -62,8 +62,8 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "onecycle"    # onecycle | cosine | constant
-    amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True    # NHWC memory layout on CUDA (ignored on CPU)
+    amp: str = "auto"             # bf16 autocast: auto (bf16 on CUDA; on CPU the faster, timed at start-up) | true | false
+    channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
     resume: bool = False          # continue from out_dir/last.pt
     max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
     threads: int = 0              # torch CPU threads (0 = torch's default)
@@ -74,12 +74,18 @@ class Config:
     tta: bool = False             # average over the 8 rotations/flips
     show: bool = False            # plot_image.py: open a window as well as saving
 
+    def __post_init__(self):
+        for key in SWITCH_KEYS:   # checkpoints made before "auto" existed stored True or False
+            setattr(self, key, _switch(getattr(self, key)))
+
     def validate(self):
         """Raise ValueError for a setting that cannot work, with what to do instead."""
         checks = [
             (self.crop in ("roi", "center"), "crop must be roi or center"),
             (self.output in ("sigmoid", "tree"), "output must be sigmoid or tree"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.amp in ("auto", "true", "false"), "amp must be auto, true or false"),
+            (self.channels_last in ("auto", "true", "false"), "channels_last must be auto, true or false"),
             (self.schedule in ("onecycle", "cosine", "constant"), "schedule must be onecycle, cosine or constant"),
             (self.split in ("kaggle", "test", "val"), "split must be kaggle, test or val"),
             (self.image_size >= 16, "image_size must be at least 16"),
@@ -104,7 +110,28 @@ class Config:
         return asdict(self)
 
 
+# keys that take auto besides true and false; a bare --key means true, as for a boolean
+SWITCH_KEYS = ("amp", "channels_last")
+
+
+def _switch(value):
+    """'auto', 'true' or 'false' for a switch key's value (a bool from an old checkpoint included)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return "true"
+    if lowered in ("0", "false", "no", "off"):
+        return "false"
+    return lowered
+
+
 def _parse_value(key, text, kind):
+    if key in SWITCH_KEYS:
+        value = _switch(text)
+        if value not in ("auto", "true", "false"):
+            raise ValueError(f"--{key} takes auto, true or false, not {text!r}")
+        return value
     if kind is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -133,7 +160,7 @@ def parse_overrides(argv, positional=()):
         if key not in types:
             raise ValueError(f"unknown key --{key}; valid keys: {', '.join(sorted(types))}")
         if not has_value:
-            if types[key] is not bool:
+            if types[key] is not bool and key not in SWITCH_KEYS:
                 raise ValueError(f"--{key} needs a value, e.g. --{key}={getattr(Config, key)}")
             text = "true"
         overrides[key] = _parse_value(key, text, types[key])

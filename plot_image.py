@@ -21,7 +21,7 @@ from PIL import Image
 import preprocess
 from config import get_config
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
-from model import CheckpointError, load_model, predict, resolve_device, rmse
+from model import CheckpointError, choose_numerics, load_model, predict, resolve_device, rmse
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
@@ -190,7 +190,10 @@ def main():
         predicted_values = None
         if model is not None:
             images = torch.from_numpy(np.array(galaxy["crop"])).permute(2, 0, 1).unsqueeze(0)
-            predicted_values = predict(model, images, 1, cfg.amp, cfg.channels_last, cfg.tta)[0].numpy()
+            device = next(model.parameters()).device
+            numerics = choose_numerics(cfg.amp, cfg.channels_last, model, device, 1, model_cfg.image_size,
+                                       training=False, log=lambda _: None)
+            predicted_values = predict(model, images, 1, *numerics, cfg.tta)[0].numpy()
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 

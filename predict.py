@@ -23,7 +23,8 @@ import preprocess
 from config import get_config
 from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, png_ids, read_labels,
                      read_png, read_split)
-from model import CheckpointError, model_from_checkpoint, predict, read_checkpoint, resolve_device, rmse
+from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict, read_checkpoint, resolve_device,
+                   rmse)
 
 
 # --- the metric per question ---------------------------------------------------------------
@@ -98,6 +99,13 @@ def preprocess_skipped(processed_dir):
     return list(zip(table["galaxy_id"], "preprocess.py: " + table["reason"]))
 
 
+def inference_numerics(model, model_cfg, cfg):
+    """(amp, channels_last) for predicting: --amp/--channels_last, or the fastest here (model.choose_numerics)."""
+    device = next(model.parameters()).device
+    return choose_numerics(cfg.amp, cfg.channels_last, model, device, cfg.batch_size, model_cfg.image_size,
+                           training=False)
+
+
 def predict_tasks(model, tasks, worker, model_cfg, cfg):
     """(galaxy_ids, predictions (N, 37), skipped [(galaxy_id, reason)]), decoding in a worker pool.
 
@@ -109,11 +117,12 @@ def predict_tasks(model, tasks, worker, model_cfg, cfg):
 
     def flush():
         images = torch.from_numpy(np.stack(batch_pixels)).permute(0, 3, 1, 2).contiguous()
-        predictions.append(predict(model, images, cfg.batch_size, cfg.amp, cfg.channels_last, cfg.tta))
+        predictions.append(predict(model, images, cfg.batch_size, *numerics, cfg.tta))
         galaxy_ids.extend(batch_ids)
         batch_ids.clear()
         batch_pixels.clear()
 
+    numerics = inference_numerics(model, model_cfg, cfg)
     job = {"cfg": model_cfg, "raw_dir": cfg.raw_dir}
     results = preprocess.run_pool(worker, tasks, cfg.workers, job, "predict", ordered=True)
     for galaxy_id, pixels, reason in results:
@@ -249,7 +258,7 @@ def evaluate_split(cfg, model, model_cfg, checkpoint):
 
     images = load_images(os.path.join(cfg.processed_dir, "train"), galaxy_ids, model_cfg.image_size, cfg.workers)
     with tqdm(total=len(images), unit="img", desc=f"predict {cfg.split}") as bar:
-        predictions = predict(model, images, cfg.batch_size, cfg.amp, cfg.channels_last, cfg.tta,
+        predictions = predict(model, images, cfg.batch_size, *inference_numerics(model, model_cfg, cfg), cfg.tta,
                               progress=bar.update).numpy()
 
     table = evaluation_table(predictions, targets, baseline)

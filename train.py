@@ -29,8 +29,8 @@ from tqdm import tqdm
 import preprocess
 from config import build_config, parse_overrides
 from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
-from model import (CheckpointError, autocast, build_model, load_state, predict, prepare_batch,
-                   read_checkpoint, resolve_device, rmse)
+from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
+                   prepare_batch, read_checkpoint, resolve_device, rmse)
 
 STOP_SIGNAL = None  # set by the signal handler; the loop saves and exits at the next step
 
@@ -110,14 +110,16 @@ def epoch_order(n, seed, epoch, rank, world_size):
     return order[rank * per_rank:(rank + 1) * per_rank]
 
 
-def next_batch(images_uint8, vote_fractions, rows, cfg, device, aug_generator):
+def next_batch(images_uint8, vote_fractions, rows, cfg, device, aug_generator, channels_last):
     """The float, augmented batch and its targets: one gather from the in-memory uint8 set."""
-    batch = prepare_batch(images_uint8[rows], device, cfg.channels_last)
-    return augment(batch, cfg, aug_generator), vote_fractions[rows]
+    batch = augment(prepare_batch(images_uint8[rows], device, channels_last), cfg, aug_generator)
+    if channels_last:   # the flips leave strided views; the first convolution wants NHWC
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch, vote_fractions[rows]
 
 
-def train_step(model, optimizer, scheduler, batch, targets, cfg, device):
-    with autocast(device, cfg.amp):
+def train_step(model, optimizer, scheduler, batch, targets, amp, device):
+    with autocast(device, amp):
         loss = F.mse_loss(model(batch), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -132,8 +134,9 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean):
+def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean, numerics):
     return {
+        "numerics": numerics,  # what amp/channels_last "auto" chose, so a resumed run keeps it
         "model": raw_model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -194,7 +197,8 @@ def train(cfg, checkpoint):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    numerics = run_numerics(cfg, checkpoint, model, device, is_main, world_size)
+    if numerics["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
     if world_size > 1:
@@ -230,7 +234,7 @@ def train(cfg, checkpoint):
         """Rank 0 writes the current state once under each name in out_dir."""
         if is_main:
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
-                                     mean_prediction)
+                                     mean_prediction, numerics)
             for name in names:
                 save_checkpoint(os.path.join(cfg.out_dir, name), state)
 
@@ -243,8 +247,9 @@ def train(cfg, checkpoint):
         started = time.time()
         for step in range(progress["step_in_epoch"], steps_per_epoch):
             batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            batch, targets = next_batch(train_images, train_targets, batch_rows, cfg, device, aug_generator)
-            loss = train_step(model, optimizer, scheduler, batch, targets, cfg, device)
+            batch, targets = next_batch(train_images, train_targets, batch_rows, cfg, device, aug_generator,
+                                        numerics["channels_last"])
+            loss = train_step(model, optimizer, scheduler, batch, targets, numerics["amp"], device)
             progress["step_in_epoch"] = step + 1
             progress["global_step"] += 1
             loss = loss.item()  # one device sync per step
@@ -261,13 +266,14 @@ def train(cfg, checkpoint):
         bar.close()
 
         train_loss = progress["epoch_loss_sum"] / steps_per_epoch
-        val_rmse = rmse(predict(raw_model, val_images, 2 * cfg.batch_size, cfg.amp, cfg.channels_last),
+        val_rmse = rmse(predict(raw_model, val_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
                         val_targets) if len(val_rows) else float("nan")
         seconds = time.time() - started
         progress["history"].append({
             "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
             "val_rmse": val_rmse, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
-            "img_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 1)})
+            "img_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 1),
+            "numerics": numerics_name(numerics["amp"], numerics["channels_last"])})
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         improved = val_rmse < progress["best_val_rmse"] or not len(val_rows)  # no val: best = last
         if improved:
@@ -279,8 +285,23 @@ def train(cfg, checkpoint):
             write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse)
 
     if is_main:
-        report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device)
+        report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device, numerics)
     return 0
+
+
+def run_numerics(cfg, checkpoint, model, device, is_main, world_size):
+    """{"amp", "channels_last"} as booleans: what the config forces, what a resumed run chose
+    before (so it goes on exactly as it would have), or the fastest on this machine (choose_numerics)."""
+    saved = (checkpoint or {}).get("numerics")
+    if saved and cfg.amp == "auto" and cfg.channels_last == "auto":
+        return dict(saved)
+    amp, channels_last = choose_numerics(cfg.amp, cfg.channels_last, model, device, cfg.batch_size,
+                                         cfg.image_size, training=True, log=print if is_main else (lambda _: None))
+    if world_size > 1:   # every rank must run the same numerics: rank 0's timing decides
+        choice = [(amp, channels_last)]
+        dist.broadcast_object_list(choice, src=0)
+        amp, channels_last = choice[0]
+    return {"amp": amp, "channels_last": channels_last}
 
 
 def stop_requested(world_size):
@@ -292,7 +313,7 @@ def stop_requested(world_size):
     return bool(flag.item())
 
 
-def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device):
+def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device, numerics):
     """Test-split RMSE of best.pt, with the mean-prediction baseline beside it."""
     test_rows = rows_of(galaxy_ids, split["test"])
     if not len(test_rows):
@@ -302,7 +323,8 @@ def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction,
     model = build_model(cfg).to(device)
     model.load_state_dict(best["model"])
     targets = vote_fractions[test_rows]
-    test_rmse = rmse(predict(model, images[test_rows], 2 * cfg.batch_size, cfg.amp, cfg.channels_last), targets)
+    test_rmse = rmse(predict(model, images[test_rows], 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
+                     targets)
     baseline = rmse(mean_prediction.expand_as(targets), targets)
     print(f"test RMSE {test_rmse:.5f} (best.pt, epoch {best['epoch']}) | mean-prediction baseline "
           f"{baseline:.5f} | {len(test_rows)} galaxies")

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
-from model import CheckpointError, DecisionTreeHead, GalaxyCNN, flat_features, load_model, predict, rmse
+from model import (CheckpointError, DecisionTreeHead, GalaxyCNN, choose_numerics, flat_features, load_model, predict,
+                   rmse)
 from config import Config
 
 
@@ -82,3 +83,33 @@ def test_load_model_explains_bad_checkpoints(tmp_path):
     torch.save({"model": state, "config": cfg.to_dict()}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="different model"):
         load_model(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("amp, channels_last, expected", [
+    ("false", "false", (False, False)), ("true", "true", (True, True)), ("true", "false", (True, False))])
+def test_forced_numerics_are_kept_without_timing(amp, channels_last, expected):
+    said = []
+    assert choose_numerics(amp, channels_last, None, torch.device("cpu"), 8, 32, True, log=said.append) == expected
+    assert said == []
+
+
+def test_auto_numerics_on_cpu_time_a_copy_and_leave_weights_and_randomness_alone():
+    torch.manual_seed(0)
+    model = GalaxyCNN(image_size=32, output="tree", dropout=0.1)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    said = []
+    amp, channels_last = choose_numerics("auto", "false", model, torch.device("cpu"), 4, 32, True, log=said.append)
+    assert channels_last is False and amp in (True, False)
+    assert "fp32 NCHW" in said[0] and "bf16 NCHW" in said[0] and "channels_last" not in said[0].split("->")[0]
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_predict_in_bf16_channels_last_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = GalaxyCNN(image_size=32, output="tree", dropout=0.1).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    fp32 = predict(model, images, batch_size=4)
+    bf16 = predict(model, images, batch_size=4, amp=True, channels_last=True, tta=True)
+    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 0.05

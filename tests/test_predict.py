@@ -22,7 +22,8 @@ FAST = ["--workers=1", "--batch_size=16"]
 
 
 def run_predict(*args):
-    return run_script("predict.py", *args)
+    # fp32 forced: "auto" times the candidates and may pick bf16, whose outputs differ in the 3rd decimal
+    return run_script("predict.py", "--amp=false", "--channels_last=false", *args)
 
 
 @pytest.fixture(scope="module")

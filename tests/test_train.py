@@ -17,7 +17,8 @@ from model import GalaxyCNN, load_model
 from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1"]
+# fp32 NCHW forced: "auto" would time the candidates at every start (tested on its own below)
+SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1", "--amp=false", "--channels_last=false"]
 
 
 def run_train(*args, check=True, **kwargs):
@@ -87,6 +88,34 @@ def test_resume_mid_epoch_ends_with_the_same_weights(full_run, data_args, tmp_pa
     assert pd.read_csv(out_dir / "metrics.csv").equals(
         pd.read_csv(tmp_path / "metrics.csv").assign(seconds=pd.read_csv(out_dir / "metrics.csv")["seconds"],
                                                       img_per_s=pd.read_csv(out_dir / "metrics.csv")["img_per_s"]))
+
+
+def test_bf16_channels_last_is_deterministic_and_resumes_exactly(data_args, tmp_path):
+    """The numerics auto picks on a CPU with bf16 units: the same seed still gives the same losses,
+    and a run stopped mid-epoch and resumed ends with the same weights."""
+    bf16 = [*data_args, "--amp=true", "--channels_last=true", "--epochs=2"]
+    run_train(*bf16, f"--out_dir={tmp_path / 'a'}")
+    run_train(*bf16, "--max_steps=5", f"--out_dir={tmp_path / 'b'}")
+    run_train(f"--out_dir={tmp_path / 'b'}", "--resume", "--max_steps=0")
+    first, second = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert first["train_loss"].tolist() == second["train_loss"].tolist()
+    assert (first["numerics"] == "bf16 channels_last").all()
+    assert same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+
+
+def test_auto_numerics_are_timed_recorded_and_kept_on_resume(demo_processed, tmp_path):
+    args = [f"--processed_dir={demo_processed.processed_dir}", "--batch_size=16", "--threads=1", "--epochs=2",
+            f"--out_dir={tmp_path}"]
+    first = run_train(*args, "--max_steps=2")
+    assert "numerics: img/s per training step of 16: fp32 NCHW" in first.stdout
+    chosen = torch.load(tmp_path / "last.pt", weights_only=True)["numerics"]
+    assert set(chosen) == {"amp", "channels_last"}
+    resumed = run_train(f"--out_dir={tmp_path}", "--resume", "--max_steps=0")
+    assert "numerics:" not in resumed.stdout   # the recorded choice, not a new timing
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["numerics"] == chosen
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    name = f"{'bf16' if chosen['amp'] else 'fp32'} {'channels_last' if chosen['channels_last'] else 'NCHW'}"
+    assert (metrics["numerics"] == name).all()
 
 
 def test_sigint_saves_last_checkpoint_and_resume_finishes_the_run(data_args, tmp_path):
