@@ -20,6 +20,7 @@ from PIL import Image
 
 import preprocess
 from config import get_config
+from crop import BadImage, crop_galaxy
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from model import CheckpointError, load_model, predict, resolve_device, rmse
 
@@ -77,12 +78,12 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     if galaxy["raw_reference"]:
         try:
             data = preprocess.read_raw(cfg.raw_dir, galaxy["raw_reference"])
-            crop, roi_box = preprocess.crop_galaxy(data, crop_cfg)
+            crop, roi_box = crop_galaxy(data, crop_cfg)
             with Image.open(io.BytesIO(data)) as image:
                 raw = np.asarray(image.convert("RGB"))
             return {"raw": raw, "roi_box": roi_box, "crop": np.asarray(crop),
                     "crop_note": f"crop={crop_cfg.crop} of the raw image"}
-        except (preprocess.BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
+        except (BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
             if not galaxy["png_path"]:
                 raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it

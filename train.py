@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import preprocess
 from config import build_config, parse_overrides
+from crop import CROP_KEYS
 from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
 from model import (CheckpointError, autocast, build_model, load_state, predict, prepare_batch,
                    read_checkpoint, resolve_device, rmse)
@@ -64,7 +65,7 @@ def adopt_crop_settings(cfg):
     """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
     records how its inputs were really made and predict.py crops raw JPEGs the same way."""
     for key, value in preprocess.crop_settings(cfg.processed_dir).items():
-        if key in preprocess.CROP_KEYS:
+        if key in CROP_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
     return cfg
 
