@@ -20,12 +20,16 @@ from PIL import Image
 
 import preprocess
 from config import get_config
-from crop import BadImage, crop_galaxy
+from crop import CROP_KEYS, BadImage, crop_galaxy
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from model import CheckpointError, load_model, predict, resolve_device, rmse
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("checkpoint", "show", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
+               *CROP_KEYS,   # how the raw image is cropped when no checkpoint says
+               "tta", "device", "amp", "channels_last")
 
 
 # --- finding the galaxy ------------------------------------------------------------------------
@@ -175,7 +179,7 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
 
 
 def main():
-    cfg, args = get_config(positional=("galaxy_id",))
+    cfg, args = get_config(positional=("galaxy_id",), doc=__doc__, keys=CONFIG_KEYS)
     if not args["galaxy_id"].isdigit():
         sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
     galaxy_id = int(args["galaxy_id"])

@@ -26,6 +26,10 @@ from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_ima
                      read_png, read_split)
 from model import CheckpointError, model_from_checkpoint, predict, read_checkpoint, resolve_device, rmse
 
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("checkpoint", "split", "tta", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir", "workers",
+               "batch_size", "device", "amp", "channels_last")
+
 
 # --- the metric per question ---------------------------------------------------------------
 
@@ -271,7 +275,7 @@ def evaluate_split(cfg, model, model_cfg, checkpoint):
 
 
 def main():
-    cfg = get_config()
+    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
     checkpoint = checkpoint_path(cfg)
     try:
         saved = read_checkpoint(checkpoint)

@@ -37,6 +37,8 @@ SPLIT_FOLDERS = {"train": "images_training_rev1", "test": "images_test_rev1"}
 SOLUTIONS = "training_solutions_rev1"
 SETTINGS_FILE = "preprocess.json"   # the crop settings the PNGs in processed_dir were made with
 SKIPPED_COLUMNS = ["split", "galaxy_id", "file", "reason"]
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("raw_dir", "processed_dir", *CROP_KEYS, "workers", "demo", "demo_dir", "demo_train", "demo_test", "seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +403,7 @@ def preprocess(cfg, progress=True):
 
 
 def main():
-    cfg = get_config()
+    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
     started = time.perf_counter()
     try:
         if cfg.demo:
