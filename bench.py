@@ -24,15 +24,16 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import preprocess
-from config import build_config, parse_overrides
+from config import answer_help, build_config, parse_overrides
 from dataset import atomic_write
 from model import build_model, resolve_device
-from train import make_optimizer, next_batch, train_step
+from train import CONFIG_KEYS as TRAIN_KEYS, make_optimizer, next_batch, train_step
 
 ROUNDS = 3
 SLOW_DISK_MS = 0.2      # kernel time per preprocessed image above which ext4 is slowed down (_kernel_seconds)
 SLOW_DISK_WAIT_S = 420  # how long bench_preprocess waits for such a slowdown to pass
 SHARED_SAMPLE = Path(__file__).resolve().parent.parent / "shared/data/galaxy-zoo-sample"
+CONFIG_KEYS = tuple(dict.fromkeys(preprocess.CONFIG_KEYS + TRAIN_KEYS))   # what --help lists
 
 
 def _decode_full(task):
@@ -278,8 +279,9 @@ def bench_accuracy(cfg, overrides):
 
 def main():
     names = sorted(name[len("bench_"):] for name in globals() if name.startswith("bench_"))
+    answer_help(sys.argv[1:], __doc__, CONFIG_KEYS, positional=["|".join(names)])
     if len(sys.argv) < 2 or sys.argv[1] not in names:
-        sys.exit(f"usage: python bench.py <{'|'.join(names)}> [--key=value ...]")
+        sys.exit(f"usage: python bench.py <{'|'.join(names)}> [--key=value ...]; see python bench.py --help")
     try:
         overrides, _ = parse_overrides(sys.argv[2:])
         cfg = build_config({"raw_dir": str(SHARED_SAMPLE), **overrides})

@@ -1,15 +1,20 @@
 """Every path and hyperparameter of the project, with its default, in one place.
 
 Any script takes ``--key=value`` overrides of these keys on its command line
-(``--key`` alone sets a boolean key to true):
+(``--key`` alone sets a boolean key to true), and lists the keys it reads with -h or --help:
 
     python train.py --epochs=5 --device=cpu --output=tree
+    python train.py --help
+
+The comment after each key is its meaning in --help: one line, kept up to date here.
 
 The checkpoint carries the config it was trained with, so evaluation and
 prediction rebuild exactly the same model and crop.
 """
+import functools
 import os
 import sys
+import tokenize
 from dataclasses import asdict, dataclass, fields
 
 
@@ -36,15 +41,15 @@ class Config:
     roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
     roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
     center_crop_size: int = 212   # side of the fixed central crop in raw pixels (crop=center)
-    workers: int = _cpu_count()   # processes for preprocessing and data loading
+    workers: int = _cpu_count()   # processes for preprocessing, data loading and prediction
     demo_train: int = 2000        # synthetic training galaxies written by --demo
     demo_test: int = 200          # synthetic test galaxies written by --demo
 
     # --- data split and augmentation ----------------------------------------
     split_seed: int = 1337        # fixes which galaxies are train, val and test (out_dir/split.csv)
-    seed: int = 1337              # initial weights, shuffling, augmentation and dropout
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    seed: int = 1337              # initial weights, shuffling, augmentation and dropout; the --demo galaxies
+    val_fraction: float = 0.1     # share of the labelled galaxies held out for validation
+    test_fraction: float = 0.1    # share held out for the final test (predict.py --split=test)
     aug_flips: bool = True        # the 8 rotations/flips of the square
     aug_rotate: float = 0.0       # max extra rotation in degrees (0 = off)
     aug_shift: float = 0.0        # max shift as a fraction of the image side
@@ -53,16 +58,16 @@ class Config:
 
     # --- model -------------------------------------------------------------
     output: str = "tree"          # tree: obey the decision tree; sigmoid: 37 independent outputs (the seed's)
-    dropout: float = 0.1          # the seed does not say; 0.5 underfits (benchmarks/ACCURACY.md)
+    dropout: float = 0.1          # after each hidden linear layer; the seed does not say, 0.5 underfits (benchmarks/ACCURACY.md)
 
     # --- training ----------------------------------------------------------
-    device: str = "auto"          # auto | cpu | cuda
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"    # onecycle | cosine | constant
-    amp: str = "auto"             # bf16 autocast: auto (bf16 on CUDA; on CPU the faster, timed at start-up) | true | false
+    device: str = "auto"          # auto (CUDA when present) | cpu | cuda
+    epochs: int = 40              # passes over the training split
+    batch_size: int = 64          # images per optimizer step (per process under torchrun)
+    lr: float = 1e-3              # Adam's peak learning rate
+    weight_decay: float = 0.0     # Adam's L2 penalty on the weights
+    schedule: str = "onecycle"    # learning rate schedule: onecycle | cosine (after a warm-up) | constant
+    amp: str = "auto"             # bf16 autocast: auto (bf16 on CUDA; on a CPU the faster, timed at start-up) | true | false
     channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
     resume: bool = False          # continue from out_dir/last.pt
     max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
@@ -158,7 +163,7 @@ def parse_overrides(argv, positional=()):
             continue
         key, has_value, text = arg[2:].partition("=")
         if key not in types:
-            raise ValueError(f"unknown key --{key}; valid keys: {', '.join(sorted(types))}")
+            raise ValueError(f"unknown key --{key}; see python {_script_name()} --help for the valid keys")
         if not has_value:
             if types[key] is not bool and key not in SWITCH_KEYS:
                 raise ValueError(f"--{key} needs a value, e.g. --{key}={getattr(Config, key)}")
@@ -183,12 +188,14 @@ def build_config(overrides):
     return cfg.validate()
 
 
-def get_config(argv=None, positional=()):
+def get_config(argv=None, positional=(), doc="", keys=None):
     """Parse sys.argv (or argv) into a validated Config; exit with a one-line error on bad input.
 
-    With positional names, returns (cfg, {name: value}).
+    With positional names, returns (cfg, {name: value}). -h or --help prints help_text(doc, keys,
+    positional) and exits.
     """
     argv = sys.argv[1:] if argv is None else argv
+    answer_help(argv, doc, keys, positional)
     try:
         overrides, args = parse_overrides(argv, positional)
         cfg = build_config(overrides)
@@ -201,3 +208,60 @@ def config_from_dict(saved):
     """Rebuild the Config stored in a checkpoint, ignoring keys this version no longer has."""
     names = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in saved.items() if k in names})
+
+
+# --- --help --------------------------------------------------------------------------
+
+def _script_name():
+    return os.path.basename(sys.argv[0])
+
+
+@functools.cache
+def key_meanings():
+    """{key: its meaning}, read from the comment after each field of Config, so it is written once."""
+    keys = {f.name for f in fields(Config)}
+    meanings, line = {}, []
+    with open(__file__, encoding="utf-8") as source:
+        for token in tokenize.generate_tokens(source.readline):
+            if token.type == tokenize.COMMENT and line[:1] and line[0] in keys and line[1:2] == [":"]:
+                meanings.setdefault(line[0], token.string.lstrip("#").strip())
+            elif token.type in (tokenize.NEWLINE, tokenize.NL):
+                line = []
+            elif token.type not in (tokenize.INDENT, tokenize.DEDENT):
+                line.append(token.string)
+    return meanings
+
+
+def _shown(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+def help_text(doc, keys=None, positional=()):
+    """What -h and --help print: a usage line, the script's docstring, then each config key it
+    reads (all of Config's if keys is None) with its type, default and meaning."""
+    by_name = {f.name: f for f in fields(Config)}
+    rows = []
+    for key in by_name if keys is None else keys:
+        kind = by_name[key].type
+        usage = (f"--{key} | --{key}=false" if kind is bool else f"--{key}=auto|true|false" if key in SWITCH_KEYS
+                 else f"--{key}=<{kind.__name__}>")
+        rows.append((usage, _shown(by_name[key].default), key_meanings()[key]))
+    words = ["usage: python", _script_name(), *(f"<{name}>" for name in positional), "[--key=value ...]"]
+    lines = [" ".join(words), "", doc.strip("\n"), "", "config keys (defaults and meanings from config.py):"]
+    usage_width = min(24, max(len(usage) for usage, _, _ in rows))   # a longer one gets a line of its own
+    default_width = max(len(default) for _, default, _ in rows)
+    for usage, default, meaning in rows:
+        if len(usage) > usage_width:
+            lines.append(f"  {usage}")
+            usage = ""
+        lines.append(f"  {usage:<{usage_width}}  {default:<{default_width}}  {meaning}")
+    return "\n".join(lines)
+
+
+def answer_help(argv, doc, keys=None, positional=()):
+    """Print help_text and exit 0 when argv asks for help (-h or --help, anywhere)."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(doc, keys, positional))
+        sys.exit(0)

@@ -53,10 +53,15 @@ class DataError(RuntimeError):
     """Input data that cannot be used; the message says what to do."""
 
 
+def temp_name(path):
+    """Where path is written before it gets its name: *.tmp is never taken for a finished file."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def atomic_write(path, write):
     """Call write(temp_path), then rename onto path, so readers never see a half-written file."""
     path = str(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)

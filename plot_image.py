@@ -20,11 +20,16 @@ from PIL import Image
 
 import preprocess
 from config import get_config
+from crop import CROP_KEYS, BadImage, crop_galaxy
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from model import CheckpointError, choose_numerics, load_model, predict, resolve_device, rmse
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("checkpoint", "show", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
+               *CROP_KEYS,   # how the raw image is cropped when no checkpoint says
+               "tta", "device", "amp", "channels_last")
 
 
 # --- finding the galaxy ------------------------------------------------------------------------
@@ -77,12 +82,12 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     if galaxy["raw_reference"]:
         try:
             data = preprocess.read_raw(cfg.raw_dir, galaxy["raw_reference"])
-            crop, roi_box = preprocess.crop_galaxy(data, crop_cfg)
+            crop, roi_box = crop_galaxy(data, crop_cfg)
             with Image.open(io.BytesIO(data)) as image:
                 raw = np.asarray(image.convert("RGB"))
             return {"raw": raw, "roi_box": roi_box, "crop": np.asarray(crop),
                     "crop_note": f"crop={crop_cfg.crop} of the raw image"}
-        except (preprocess.BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
+        except (BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
             if not galaxy["png_path"]:
                 raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it
@@ -174,7 +179,7 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
 
 
 def main():
-    cfg, args = get_config(positional=("galaxy_id",))
+    cfg, args = get_config(positional=("galaxy_id",), doc=__doc__, keys=CONFIG_KEYS)
     if not args["galaxy_id"].isdigit():
         sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
     galaxy_id = int(args["galaxy_id"])

@@ -21,10 +21,15 @@ from tqdm import tqdm
 
 import preprocess
 from config import get_config
+from crop import BadImage, crop_galaxy
 from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, png_ids, read_labels,
                      read_png, read_split)
 from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict, read_checkpoint, resolve_device,
                    rmse)
+
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("checkpoint", "split", "tta", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir", "workers",
+               "batch_size", "device", "amp", "channels_last")
 
 
 # --- the metric per question ---------------------------------------------------------------
@@ -56,9 +61,9 @@ def load_raw(task):
     galaxy_id, reference = task
     try:
         data = preprocess.read_raw(preprocess.worker_job["raw_dir"], reference)
-        crop, _ = preprocess.crop_galaxy(data, preprocess.worker_job["cfg"])
+        crop, _ = crop_galaxy(data, preprocess.worker_job["cfg"])
         return galaxy_id, np.asarray(crop, np.uint8), ""
-    except preprocess.BadImage as err:
+    except BadImage as err:
         return galaxy_id, None, str(err)
     except (OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged zip member
         return galaxy_id, None, f"unreadable file: {err}"
@@ -279,7 +284,7 @@ def evaluate_split(cfg, model, model_cfg, checkpoint):
 
 
 def main():
-    cfg = get_config()
+    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
     checkpoint = checkpoint_path(cfg)
     try:
         saved = read_checkpoint(checkpoint)

@@ -11,9 +11,7 @@ complete; every file gets its name only when it is whole, so a killed run leaves
 half-written file. Unusable input is listed in processed_dir/skipped.csv, never fatal.
 Images of any size are accepted (Kaggle's are all 424x424); ones smaller than image_size are skipped.
 """
-import io
 import json
-import math
 import os
 import signal
 import struct
@@ -28,23 +26,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import ndimage
 from tqdm import tqdm
 
 from config import get_config
-from dataset import LABEL_COLUMNS, QUESTIONS, atomic_write
+from crop import CROP_KEYS, BadImage, crop_galaxy
+from dataset import LABEL_COLUMNS, atomic_write
 
 # Kaggle's file names, without .zip / .csv
 SPLIT_FOLDERS = {"train": "images_training_rev1", "test": "images_test_rev1"}
 SOLUTIONS = "training_solutions_rev1"
 SETTINGS_FILE = "preprocess.json"   # the crop settings the PNGs in processed_dir were made with
-CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
-ROI_WORK_SIDE = 106                 # the ROI is found on a frame about this wide (424 / 4)
 SKIPPED_COLUMNS = ["split", "galaxy_id", "file", "reason"]
-
-
-class BadImage(ValueError):
-    """An image that cannot be used; str() is a short reason, 'category: detail'."""
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("raw_dir", "processed_dir", *CROP_KEYS, "workers", "demo", "demo_dir", "demo_train", "demo_test", "seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,177 +191,7 @@ def _skip(split, galaxy_id, file, reason):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cropping
-
-
-def _square_box(center_x, center_y, side, width, height):
-    """An integer square of the given side about a centre, shifted inside the frame (shrunk only if too big)."""
-    side = int(round(min(side, width, height)))
-    left = int(round(center_x - side / 2))
-    top = int(round(center_y - side / 2))
-    left = min(max(left, 0), width - side)
-    top = min(max(top, 0), height - side)
-    return left, top, left + side, top + side
-
-
-def center_box(width, height, cfg):
-    """The fixed central square of cfg.center_crop_size raw pixels (crop=center)."""
-    return _square_box(width / 2, height / 2, cfg.center_crop_size, width, height)
-
-
-def _mean3x3(gray):
-    """The mean of each pixel's 3x3 neighbourhood, edges mirrored, as float32.
-
-    The same as scipy's uniform_filter(size=3) up to float rounding, in a third of the time:
-    this runs once per image, and on a 106 px frame scipy's per-call overhead dominates.
-    """
-    height, width = gray.shape
-    padded = np.empty((height + 2, width + 2), np.float32)
-    padded[1:-1, 1:-1] = gray
-    padded[0, 1:-1], padded[-1, 1:-1] = gray[0], gray[-1]
-    padded[:, 0], padded[:, -1] = padded[:, 1], padded[:, -2]
-    rows = padded[:-2] + padded[1:-1] + padded[2:]
-    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9
-
-
-_FOUR_NEIGHBOURS = ndimage.generate_binary_structure(2, 1)   # made once: label() would make it per call
-
-
-def _central_blob(smooth, level, cy, cx):
-    """(row slice, column slice) bounding the blob of pixels above level that holds (cy, cx), or lies nearest.
-
-    Labelling blobs is most of the cost of roi_box, so it starts on the central window of 2/3 of
-    the frame's side, which holds most galaxies; only a blob that touches the window's edge (it may
-    go on outside), or a dark centre, needs the whole frame. The result is the same either way.
-    """
-    reach = max(smooth.shape) // 3
-    top, left = max(cy - reach, 0), max(cx - reach, 0)
-    for frame, (y0, x0) in ((smooth[top:cy + reach, left:cx + reach], (top, left)), (smooth, (0, 0))):
-        blobs, _ = ndimage.label(frame > level, _FOUR_NEIGHBOURS)
-        galaxy = blobs[cy - y0, cx - x0]
-        if galaxy == 0:
-            if frame is not smooth:
-                continue   # the nearest blob may lie outside the window
-            ys, xs = np.nonzero(blobs)
-            nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
-            galaxy = blobs[ys[nearest], xs[nearest]]
-        pixels = blobs == galaxy   # its bounding box; twice as fast as ndimage.find_objects here
-        rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
-        inside = rows[0] > 0 and cols[0] > 0 and rows[-1] < frame.shape[0] - 1 and cols[-1] < frame.shape[1] - 1
-        if inside or frame is smooth:
-            return slice(y0 + rows[0], y0 + rows[-1] + 1), slice(x0 + cols[0], x0 + cols[-1] + 1)
-
-
-def roi_box(gray, cfg, scale=1.0):
-    """(left, top, right, bottom) of a square around the central galaxy, in gray's pixel coordinates.
-
-    gray is a 2-D array of the image; scale is how many raw pixels one of its pixels spans (so
-    roi_min_size, in raw pixels, means the same on a reduced image). Pixels brighter than
-    sky + roi_threshold * (central brightness - sky) form connected blobs; the one holding the
-    frame centre (or nearest to it) is the galaxy, even if a neighbour elsewhere is brighter.
-    Its bounding box grows by roi_pad of its side, is made square about its centre, at least
-    roi_min_size, and shifted inside the frame.
-    """
-    height, width = gray.shape
-    # light smoothing so sky noise neither fragments the galaxy nor sets the central brightness
-    smooth = _mean3x3(gray)
-    border = max(1, min(height, width) // 16)
-    edges = np.sort(np.concatenate([smooth[:border].ravel(), smooth[-border:].ravel(),
-                                    smooth[:, :border].ravel(), smooth[:, -border:].ravel()]))
-    sky = (float(edges[(len(edges) - 1) // 2]) + float(edges[len(edges) // 2])) / 2   # their median, 3x faster than np.median
-    cy, cx = height // 2, width // 2
-    reach = max(1, min(height, width) // 16)   # the galaxy's peak may sit a little off centre
-    centre = float(smooth[cy - reach:cy + reach + 1, cx - reach:cx + reach + 1].max())
-    if centre - sky < 2.0:   # (grey levels) nothing stands out of the sky: fall back to the fixed crop
-        left, top, right, bottom = center_box(width * scale, height * scale, cfg)
-        return left / scale, top / scale, right / scale, bottom / scale
-    rows, cols = _central_blob(smooth, sky + cfg.roi_threshold * (centre - sky), cy, cx)
-    side = max(rows.stop - rows.start, cols.stop - cols.start) * (1 + cfg.roi_pad)
-    side = max(side, cfg.roi_min_size / scale)
-    side = min(side, width, height)
-    # the same shift-inside-the-frame rule as _square_box, kept in floats at this reduced scale
-    left = min(max((cols.start + cols.stop) / 2 - side / 2, 0), width - side)
-    top = min(max((rows.start + rows.stop) / 2 - side / 2, 0), height - side)
-    return left, top, left + side, top + side
-
-
-def _read_source(source):
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if hasattr(source, "read"):
-        return source.read()
-    return Path(source).read_bytes()
-
-
-def _open(data):
-    """The image with only its header read, so that draft can still pick the decoding scale."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadImage(f"not an image: {err}") from None
-
-
-def _decode(image, reduction):
-    """image (fresh from _open) decoded as RGB at 1/reduction of its size where it is a JPEG."""
-    try:
-        if reduction > 1:
-            image.draft("RGB", (image.width // reduction, image.height // reduction))
-        image.load()
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"image too large: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:   # Pillow's ways of saying corrupt or truncated
-        raise BadImage(f"corrupt or truncated image: {err}") from None
-    if image.mode != "RGB":   # grayscale, CMYK, palette ... are converted, not skipped
-        image = image.convert("RGB")
-    return image
-
-
-def _reduction_for(side, image_size):
-    """The largest JPEG reduction (8, 4, 2, 1) that leaves at least image_size pixels across side."""
-    return next(k for k in (8, 4, 2, 1) if side / k >= image_size or k == 1)
-
-
-def crop_galaxy(source, cfg):
-    """(RGB crop of image_size x image_size, box) for one image; box is in the image's full-size pixels.
-
-    source is a path, a file object or the bytes of a JPEG (any Pillow-readable image works).
-    Raises BadImage with a short reason for an empty, unreadable, truncated or too small image.
-    """
-    data = _read_source(source)
-    if not data:
-        raise BadImage("empty file")
-    image = _open(data)
-    width, height = image.size
-    if min(width, height) < cfg.image_size:
-        raise BadImage(f"image too small: {width}x{height} < image_size {cfg.image_size}")
-
-    if cfg.crop == "center":
-        box = center_box(width, height, cfg)
-        image = _decode(image, _reduction_for(box[2] - box[0], cfg.image_size))
-    else:
-        # one decode at half size serves both the ROI search and, for most galaxies, the crop
-        image = _decode(image, 2 if min(width, height) >= 4 * ROI_WORK_SIDE else 1)
-        gray = image.convert("L").reduce(max(1, min(image.size) // ROI_WORK_SIDE))
-        scale = width / gray.width
-        left, top, right, bottom = roi_box(np.asarray(gray), cfg, scale)
-        box = _square_box((left + right) / 2 * scale, (top + bottom) / 2 * scale,
-                          (right - left) * scale, width, height)
-        if width / image.width > _reduction_for(box[2] - box[0], cfg.image_size):
-            image = _decode(_open(data), _reduction_for(box[2] - box[0], cfg.image_size))   # small galaxy
-    scale_x, scale_y = width / image.width, height / image.height
-    scaled_box = (box[0] / scale_x, box[1] / scale_y, box[2] / scale_x, box[3] / scale_y)
-    size = (cfg.image_size, cfg.image_size)
-    return image.resize(size, Image.Resampling.BOX, box=scaled_box), box
-
-
-# ---------------------------------------------------------------------------------------------
 # Writing files safely
-
-
-def _temp_name(path):
-    # *.tmp: never mistaken for a finished file, ignored by git, and removed by the next run;
-    # the same name dataset.atomic_write gives its temporary files
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def _png_is_complete(path, image_size):
@@ -578,182 +402,12 @@ def preprocess(cfg, progress=True):
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic galaxies in Kaggle's layout (--demo and the tests)
-
-DEMO_MARKER = "synthetic_demo.json"   # says a folder is ours to (re)write
-DEMO_SIDE = 424
-DEMO_KINDS = ("elliptical", "disk", "edge-on", "star")
-DEMO_KIND_ODDS = (0.38, 0.42, 0.15, 0.05)
-
-
-def _sersic(grid, x0, y0, r_e, n, q, angle, peak):
-    """A Sersic light profile of effective radius r_e (px), index n, axis ratio q, on a local window."""
-    reach = int(min(DEMO_SIDE, 8 * r_e + 4))   # beyond 8 r_e the light is below 1e-5 of the peak
-    window = (slice(max(0, int(y0) - reach), int(y0) + reach + 1), slice(max(0, int(x0) - reach), int(x0) + reach + 1))
-    dx, dy = grid[1][window] - x0, grid[0][window] - y0
-    u = dx * math.cos(angle) + dy * math.sin(angle)
-    v = (dy * math.cos(angle) - dx * math.sin(angle)) / q
-    # a softened core (the seeing blurs the cusp of a high-n profile) whose top is the given peak
-    core = 0.15 * r_e
-    radius = np.sqrt(u * u + v * v + core * core)
-    b_n = 2 * n - 1 / 3
-    return window, u, v, radius, peak * np.exp(-b_n * ((radius / r_e) ** (1 / n) - (core / r_e) ** (1 / n)))
-
-
-def _demo_galaxy(kind, rng):
-    """The drawn properties of one synthetic galaxy (all that its labels depend on)."""
-    g = {"kind": kind, "angle": rng.uniform(0, math.pi), "bulge": 0.0, "arms": 0, "pitch": 0.0, "bar": False,
-         "peak": rng.uniform(90, 220), "neighbour_near": False}
-    if kind == "elliptical":
-        g.update(q=rng.uniform(0.35, 1.0), r_e=rng.uniform(10, 35), n=rng.uniform(2.5, 4), bulge=1.0)
-    elif kind == "disk":
-        g.update(q=rng.uniform(0.35, 1.0), r_e=rng.uniform(10, 32), n=1.0, bulge=rng.uniform(0, 0.7),
-                 bar=rng.random() < 0.3)
-        if rng.random() < 0.6:
-            g.update(arms=int(rng.choice([1, 2, 2, 2, 3, 4, 5])), pitch=rng.uniform(10, 40))
-    elif kind == "edge-on":
-        g.update(q=rng.uniform(0.08, 0.2), r_e=rng.uniform(12, 36), n=1.0, bulge=rng.uniform(0, 0.6))
-    else:   # a foreground star or artifact sitting where the galaxy should be
-        g.update(q=1.0, r_e=rng.uniform(2.5, 4), n=0.5, peak=255.0)
-    return g
-
-
-def _soft(rng, weights, concentration=40.0):
-    """Random vote fractions around the given weights (summing to 1), like a finite crowd of voters."""
-    weights = np.asarray(weights, dtype=float) + 0.02
-    return rng.dirichlet(concentration * weights / weights.sum())
-
-
-def _bumps(value, centres, width):
-    return [math.exp(-((value - c) / width) ** 2) for c in centres]
-
-
-def demo_labels(g, rng):
-    """The 37 vote fractions of a drawn galaxy, obeying the Galaxy Zoo decision tree exactly."""
-    first = {"elliptical": (0.85, 0.12, 0.03), "disk": (0.15, 0.83, 0.02), "edge-on": (0.08, 0.9, 0.02),
-             "star": (0.1, 0.1, 0.8)}[g["kind"]]
-    edge_on = 0.9 if g["kind"] == "edge-on" else max(0.03, 0.6 - g["q"])
-    answers = {   # question number -> weights of its answers, before scaling by the parent's fraction
-        1: first,
-        2: (edge_on, 1 - edge_on),
-        3: (0.8, 0.2) if g["bar"] else (0.08, 0.92),
-        4: (0.85, 0.15) if g["arms"] else (0.1, 0.9),
-        5: _bumps(g["bulge"], (0.0, 0.25, 0.5, 0.8), 0.15),
-        6: (0.4, 0.6) if g["neighbour_near"] else (0.08, 0.92),
-        7: _bumps(g["q"], (1.0, 0.7, 0.35), 0.15),
-        8: (0.05, 0.05, 0.3, 0.1, 0.1, 0.5, 0.02) if g["neighbour_near"] else (0.3, 0.2, 0.1, 0.1, 0.3, 0.02, 0.02),
-        9: _bumps(g["bulge"], (0.5, 0.25, 0.0), 0.15),
-        10: _bumps(g["pitch"], (12, 25, 38), 7),
-        11: [float(g["arms"] == m) for m in (1, 2, 3, 4)] + [float(g["arms"] >= 5), 0.1],
-    }
-    values = {}
-    for question in QUESTIONS:   # parents come before their children in Kaggle's order
-        parent = values[question.parent] if question.parent else 1.0
-        for column, fraction in zip(question.columns, _soft(rng, answers[question.number])):
-            values[column] = parent * fraction
-    return [values[column] for column in LABEL_COLUMNS]
-
-
-def _render_demo(task):
-    """Worker: (split, galaxy_id, seed) -> (split, galaxy_id, JPEG bytes, labels or None)."""
-    split, galaxy_id, seed = task
-    rng = np.random.default_rng([seed, galaxy_id])
-    grid = np.mgrid[0:DEMO_SIDE, 0:DEMO_SIDE].astype(np.float32)
-    light = np.zeros((DEMO_SIDE, DEMO_SIDE, 3), np.float32)
-    red, blue, white = np.array([1.0, 0.8, 0.6]), np.array([0.7, 0.8, 1.0]), np.array([1.0, 1.0, 1.0])
-
-    def add(window, image, colour):
-        light[window] += image[..., None] * colour.astype(np.float32)
-
-    g = _demo_galaxy(rng.choice(DEMO_KINDS, p=DEMO_KIND_ODDS), rng)
-    x0, y0 = DEMO_SIDE / 2 + rng.uniform(-1, 1), DEMO_SIDE / 2 + rng.uniform(-1, 1)
-    if g["kind"] in ("elliptical", "star"):
-        window, _, _, _, image = _sersic(grid, x0, y0, g["r_e"], g["n"], g["q"], g["angle"], g["peak"])
-        add(window, image, red if g["kind"] == "elliptical" else white)
-    else:
-        window, u, v, radius, disk = _sersic(grid, x0, y0, g["r_e"], 1.0, g["q"], g["angle"],
-                                             g["peak"] * (1 - 0.6 * g["bulge"]))
-        if g["arms"]:   # logarithmic spirals: brightness rises along theta = ln(r) / tan(pitch)
-            phase = g["arms"] * (np.arctan2(v, u) - np.log(radius / g["r_e"] + 1e-3) / math.tan(math.radians(g["pitch"])))
-            disk *= 1 + 0.8 * np.cos(phase) * np.clip(radius / g["r_e"] - 0.3, 0, 1)
-        add(window, disk, blue)
-        if g["bar"]:
-            window, *_, bar = _sersic(grid, x0, y0, 0.8 * g["r_e"], 0.5, 0.25, g["angle"] + rng.uniform(0.5, 1.2),
-                                      0.5 * g["peak"])
-            add(window, bar, red)
-        if g["bulge"] > 0.05:
-            window, *_, bulge = _sersic(grid, x0, y0, 0.25 * g["r_e"] * (0.5 + g["bulge"]), 4.0, max(g["q"], 0.6),
-                                        g["angle"], g["peak"] * g["bulge"])
-            add(window, bulge, red)
-    for _ in range(rng.poisson(1.2)):   # neighbour galaxies, sometimes brighter than the central one
-        nx, ny = rng.uniform(20, DEMO_SIDE - 20, size=2)
-        r_e = rng.uniform(3, 15)
-        g["neighbour_near"] |= math.hypot(nx - x0, ny - y0) < 3 * (g["r_e"] + r_e)
-        window, *_, image = _sersic(grid, nx, ny, r_e, rng.choice([1.0, 4.0]), rng.uniform(0.3, 1), rng.uniform(0, 3.2),
-                                    rng.uniform(40, 255))
-        add(window, image, red if rng.random() < 0.5 else blue)
-    for _ in range(rng.poisson(2.0)):   # foreground stars: point sources blurred by the seeing
-        sx, sy = rng.uniform(5, DEMO_SIDE - 5, size=2)
-        window, *_, image = _sersic(grid, sx, sy, rng.uniform(1, 2.5), 0.5, 1.0, 0.0, rng.uniform(60, 255))
-        add(window, image, white)
-    sky = 8 + rng.normal(0, 3, size=light.shape).astype(np.float32)
-    pixels = np.clip(light + sky, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    labels = demo_labels(g, rng) if split == "train" else None
-    return split, galaxy_id, buffer.getvalue(), labels
-
-
-def make_demo(raw_dir, n_train, n_test, seed, workers=1, progress=True):
-    """Write n_train + n_test synthetic galaxies into raw_dir as Kaggle's three zips; return raw_dir.
-
-    Deterministic by seed. A complete set with the same numbers is reused; a folder holding
-    other files (no marker file) is refused, so nothing of yours is ever overwritten.
-    """
-    raw = Path(raw_dir)
-    marker = raw / DEMO_MARKER
-    wanted = {"n_train": n_train, "n_test": n_test, "seed": seed}
-    if raw.is_dir() and any(raw.iterdir()) and not marker.is_file():
-        sys.exit(f"error: {raw} holds files that are not a synthetic demo set ({DEMO_MARKER} is missing); "
-                 f"refusing to write there. Pick an empty folder with --raw_dir=...")
-    if marker.is_file() and json.loads(marker.read_text()) == {**wanted, "complete": True}:
-        print(f"demo: reusing the synthetic galaxies in {raw}")
-        return raw
-    raw.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({**wanted, "complete": False}))   # ours from here on, even if killed
-
-    rng = np.random.default_rng(seed)
-    ids = rng.choice(np.arange(100000, 1000000), size=n_train + n_test, replace=False)
-    tasks = [("train" if i < n_train else "test", int(galaxy_id), seed) for i, galaxy_id in enumerate(ids)]
-    archives = {split: zipfile.ZipFile(_temp_name(raw / f"{folder}.zip"), "w")
-                for split, folder in SPLIT_FOLDERS.items()}
-    rows = []
-    for split, galaxy_id, jpeg, labels in run_pool(_render_demo, tasks, workers, {}, "demo galaxies",
-                                                    progress, ordered=True):
-        # JPEGs do not compress further: store them, as Kaggle's zips do
-        archives[split].writestr(f"{SPLIT_FOLDERS[split]}/{galaxy_id}.jpg", jpeg)
-        if labels is not None:
-            rows.append([galaxy_id] + labels)
-    for split, archive in archives.items():
-        archive.close()
-        os.replace(archive.filename, raw / f"{SPLIT_FOLDERS[split]}.zip")
-    table = pd.DataFrame(sorted(rows), columns=["GalaxyID"] + LABEL_COLUMNS)
-
-    def write_solutions(temporary):
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(f"{SOLUTIONS}.csv", table.to_csv(index=False))
-
-    atomic_write(raw / f"{SOLUTIONS}.zip", write_solutions)
-    marker.write_text(json.dumps({**wanted, "complete": True}))
-    return raw
-
-
 def main():
-    cfg = get_config()
+    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
     started = time.perf_counter()
     try:
         if cfg.demo:
+            from demo import make_demo   # here, not at the top: demo.py imports this module
             make_demo(cfg.raw_dir, cfg.demo_train, cfg.demo_test, cfg.seed, cfg.workers)
         preprocess(cfg)
     except KeyboardInterrupt:

@@ -27,10 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import preprocess
-from config import build_config, parse_overrides
+from config import answer_help, build_config, parse_overrides
+from crop import CROP_KEYS
 from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
+
+# the config keys this script reads, with their meaning from config.py, are what --help lists
+CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction", "seed",
+               "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output", "dropout",
+               "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
+               "image_size", "workers", "threads", "resume", "max_steps")
 
 STOP_SIGNAL = None  # set by the signal handler; the loop saves and exits at the next step
 
@@ -64,7 +71,7 @@ def adopt_crop_settings(cfg):
     """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
     records how its inputs were really made and predict.py crops raw JPEGs the same way."""
     for key, value in preprocess.crop_settings(cfg.processed_dir).items():
-        if key in preprocess.CROP_KEYS:
+        if key in CROP_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
     return cfg
 
@@ -331,6 +338,7 @@ def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction,
 
 
 def main():
+    answer_help(sys.argv[1:], __doc__, CONFIG_KEYS)
     try:
         cfg, checkpoint = parse_config(sys.argv[1:])
         os.makedirs(cfg.out_dir, exist_ok=True)

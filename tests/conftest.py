@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # import the project's scripts as modules, from wherever pytest runs
 
 from config import build_config  # noqa: E402
+import demo  # noqa: E402
 import preprocess  # noqa: E402
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/galaxy-zoo-sample"
@@ -29,7 +30,7 @@ DEMO_TRAIN, DEMO_TEST, DEMO_SEED = 96, 16, 1337
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory):
     raw_dir = tmp_path_factory.mktemp("demo") / "raw"
-    return preprocess.make_demo(raw_dir, DEMO_TRAIN, DEMO_TEST, DEMO_SEED, workers=2, progress=False)
+    return demo.make_demo(raw_dir, DEMO_TRAIN, DEMO_TEST, DEMO_SEED, workers=2, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,14 @@
 """Helpers shared by the test files: running a script, a random-weight checkpoint, the demo config."""
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import preprocess
 from config import Config
@@ -40,3 +43,24 @@ def demo_config(processed_dir):
     """A Config with the crop settings the demo PNGs were made with (as training would use)."""
     with open(os.path.join(processed_dir, preprocess.SETTINGS_FILE)) as f:
         return Config(**json.load(f), processed_dir=str(processed_dir))
+
+
+def blob(size, x, y, sigma, peak):
+    yy, xx = np.mgrid[0:size, 0:size]
+    return peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+
+
+def sky_with_galaxies(size=424, seed=0):
+    """A faint central galaxy (sigma 15 px) and a much brighter neighbour off centre."""
+    rng = np.random.default_rng(seed)
+    image = 10 + rng.normal(0, 2, (size, size)) + blob(size, size / 2, size / 2, 15, 80)
+    return image + blob(size, 90, 330, 20, 240)
+
+
+def jpeg_bytes(array, mode="RGB", quality=95):
+    pixels = np.clip(array, 0, 255).astype(np.uint8)
+    if mode == "RGB" and pixels.ndim == 2:
+        pixels = np.stack([pixels] * 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

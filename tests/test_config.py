@@ -1,6 +1,10 @@
+import ast
+from dataclasses import fields
+
 import pytest
 
-from config import Config, build_config, config_from_dict, get_config, parse_overrides
+from config import Config, build_config, config_from_dict, get_config, help_text, key_meanings, parse_overrides
+from helpers import REPO, run_script
 
 
 def test_overrides_are_typed():
@@ -9,7 +13,7 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--nope=1"], "unknown key --nope; valid keys:"),
+    (["--nope=1"], "unknown key --nope; see python"),
     (["--epochs=three"], "--epochs takes a int"),
     (["--tta=maybe"], "--tta takes true or false"),
     (["--epochs"], "--epochs needs a value"),
@@ -46,3 +50,71 @@ def test_demo_moves_paths_unless_given():
 def test_config_round_trips_through_a_dict():
     cfg = Config(epochs=7)
     assert config_from_dict({**cfg.to_dict(), "retired_key": 1}) == cfg
+
+
+# --- --help ------------------------------------------------------------------------------------
+
+SCRIPTS = {   # each script's --help must list at least these keys, which it obviously reads
+    "preprocess.py": ["crop", "raw_dir", "processed_dir", "image_size", "demo"],
+    "train.py": ["epochs", "lr", "batch_size", "out_dir"],
+    "predict.py": ["checkpoint", "tta", "split"],
+    "plot_image.py": ["checkpoint", "show"],
+    "bench.py": ["raw_dir", "workers", "epochs"],
+}
+
+
+def test_every_key_has_a_one_line_meaning_in_config_py():
+    meanings = key_meanings()
+    for field in fields(Config):
+        assert meanings.get(field.name), f"{field.name} has no comment in config.py"
+    assert meanings["epochs"] == "passes over the training split"
+
+
+def test_help_text_shows_usage_docstring_type_default_and_meaning():
+    text = help_text("Do one thing.\n\n    python x.py --epochs=3\n", ["epochs", "tta", "amp", "checkpoint"],
+                     ["galaxy_id"])
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: python ") and lines[0].endswith(" <galaxy_id> [--key=value ...]")
+    assert "Do one thing." in lines and "    python x.py --epochs=3" in lines
+    assert any(line.split() == ["--epochs=<int>", "40", "passes", "over", "the", "training", "split"] for line in lines)
+    assert any(line.split()[:4] == ["--tta", "|", "--tta=false", "false"] for line in lines)
+    assert any(line.split()[:2] == ["--amp=auto|true|false", "auto"] for line in lines)
+    assert any(line.split()[:2] == ["--checkpoint=<str>", '""'] for line in lines)
+    assert "--lr" not in text
+
+
+def _keys_read_in(script):
+    """The Config keys a script's own code reads as cfg.<key>."""
+    tree = ast.parse((REPO / script).read_text())
+    keys = {f.name for f in fields(Config)}
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "cfg" and node.attr in keys}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_each_script_lists_real_keys_and_every_key_it_reads(script):
+    module = __import__(script[:-3])
+    assert set(module.CONFIG_KEYS) <= {f.name for f in fields(Config)}
+    assert len(set(module.CONFIG_KEYS)) == len(module.CONFIG_KEYS)
+    assert set(SCRIPTS[script]) <= set(module.CONFIG_KEYS)
+    assert _keys_read_in(script) <= set(module.CONFIG_KEYS)
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_exits_0_with_usage_and_keys(script, flag):
+    result = run_script(script, flag)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert result.stdout.startswith(f"usage: python {script} ")
+    for key in SCRIPTS[script]:
+        assert f"--{key}" in result.stdout
+    if script == "plot_image.py":
+        assert "usage: python plot_image.py <galaxy_id> [--key=value ...]" in result.stdout
+    if script == "bench.py":
+        assert "<accuracy|preprocess|train>" in result.stdout
+
+
+def test_unknown_key_points_to_help():
+    result = run_script("predict.py", "--chekpoint=x")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: unknown key --chekpoint; see python predict.py --help for the valid keys"
