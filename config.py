@@ -70,6 +70,8 @@ class Config:
     amp: str = "auto"             # bf16 autocast: auto (bf16 on CUDA; on a CPU the faster, timed at start-up) | true | false
     channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
     resume: bool = False          # continue from out_dir/last.pt
+    init_from: str = ""           # a new run starting from this checkpoint's weights (fresh optimizer, schedule, epoch 0)
+    members: int = 1              # an ensemble: this many runs, seeds seed, seed+1, ..., in out_dir/member_1, member_2, ...
     max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
     threads: int = 0              # torch CPU threads (0 = torch's default)
 
@@ -100,6 +102,7 @@ class Config:
             (self.weight_decay >= 0, "weight_decay must not be negative"),
             (0 <= self.dropout < 1, "dropout must lie in [0, 1)"),
             (self.workers >= 1, "workers must be at least 1"),
+            (self.members >= 1, "members must be at least 1"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1,
              "val_fraction + test_fraction must be below 1"),

@@ -2,8 +2,12 @@
 with labels.csv, the cached uint8 image tensor, the train/val/test split and
 batch augmentation.
 """
+import fcntl
 import math
 import os
+import re
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,6 +60,8 @@ class DataError(RuntimeError):
 def temp_name(path):
     """Where path is written before it gets its name: *.tmp is never taken for a finished file."""
     return f"{path}.{os.getpid()}.tmp"
+TEMP_NAME = re.compile(r"(.+)\.(\d+)\.tmp")   # atomic_write's <name>.<pid>.tmp
+INT64_MAX = 2 ** 63 - 1
 
 
 def atomic_write(path, write):
@@ -71,18 +77,101 @@ def atomic_write(path, write):
         raise
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, but another user's
+        return True
+    return True
+
+
+def remove_dead_temp_files(folder, prefix=""):
+    """Delete the <name>.<pid>.tmp files (name starting with prefix) of processes that are gone:
+    a SIGKILL mid-write gives atomic_write no chance to clean up, and nothing else ever would.
+    A live process's temporary file is a write in progress and stays. Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = TEMP_NAME.fullmatch(name)
+        if match and name.startswith(prefix) and not process_alive(int(match.group(2))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:   # another process cleaned it first
+                pass
+    return removed
+
+
+def lock_folder(folder):
+    """Take the exclusive lock on folder/.lock (made if need be) for the rest of this process and
+    write our PID and script into it; returns the open descriptor, which must stay open.
+
+    DataError, naming the holder, when another process has it; DataError when folder cannot be
+    written. The kernel drops an flock when its process dies, so a killed run never leaves the
+    folder locked.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass   # can we write here? A writable .lock would not say so about the folder itself
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise DataError(f"cannot write in {folder} ({err.strerror}); choose a folder you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataError(f"{folder} is in use by {holder}; wait for it to finish, or choose another folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} ({os.path.basename(sys.argv[0]) or 'python'})\n".encode(), 0)
+    return fd
+
+
 # --- labels and images ------------------------------------------------------------
 
 def read_labels(processed_dir):
-    """(galaxy_ids int64 array, vote_fractions float32 array (N, 37)) from labels.csv."""
+    """(galaxy_ids int64 array, vote_fractions float32 array (N, 37)) from labels.csv.
+
+    The file may have been edited since preprocess.py wrote it, so every cell is checked: a NaN
+    or a -5 would otherwise train (and score) silently, a text cell fail without the file's name.
+    """
     path = os.path.join(processed_dir, "labels.csv")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; run `python preprocess.py --processed_dir={processed_dir}` first")
+    fix = f"re-run `python preprocess.py --processed_dir={processed_dir}`, which rewrites it from Kaggle's CSV"
     table = pd.read_csv(path)
     missing = [c for c in ["GalaxyID"] + LABEL_COLUMNS if c not in table.columns]
     if missing:
-        raise DataError(f"{path} lacks columns {missing[:3]}...; re-run `python preprocess.py`")
-    return table["GalaxyID"].to_numpy(np.int64), table[LABEL_COLUMNS].to_numpy(np.float32)
+        raise DataError(f"{path} lacks columns {missing[:3]}...; {fix}")
+    galaxy_ids, votes = table["GalaxyID"], table[LABEL_COLUMNS]
+    # 1e-6: float noise from whatever wrote the file; NaN fails both comparisons
+    if not (galaxy_ids.dtype == np.int64 and (galaxy_ids >= 0).all() and galaxy_ids.is_unique
+            and all(dtype.kind in "if" for dtype in votes.dtypes)
+            and ((votes >= -1e-6) & (votes <= 1 + 1e-6)).to_numpy().all()):
+        raise first_bad_label(path, fix)
+    return galaxy_ids.to_numpy(np.int64), votes.to_numpy(np.float64).clip(0, 1).astype(np.float32)
+
+
+def first_bad_label(path, fix):
+    """DataError naming labels.csv's first bad cell by line, as written there (read again as text)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    line_of = {}
+    for row, text in enumerate(table["GalaxyID"].str.strip()):
+        line = row + 2   # the header is line 1
+        if not re.fullmatch(r"[0-9]+", text) or int(text) > INT64_MAX:
+            return DataError(f"{path} line {line}: GalaxyID {text!r} is not a non-negative 64-bit integer; {fix}")
+        if int(text) in line_of:
+            return DataError(f"{path} line {line}: GalaxyID {text} repeats line {line_of[int(text)]}; {fix}")
+        line_of[int(text)] = line
+    votes = table[LABEL_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad_cells = np.argwhere(~((votes >= -1e-6) & (votes <= 1 + 1e-6)))   # text was coerced to NaN
+    if not len(bad_cells):   # nothing to point at: no rows at all
+        return DataError(f"{path} has no label rows; {fix}")
+    row, column = bad_cells[0]
+    name = LABEL_COLUMNS[column]
+    return DataError(f"{path} line {row + 2}: {name} is {table[name].iat[row]!r}, not a vote fraction in [0, 1]; {fix}")
 
 
 def png_ids(folder):
@@ -94,12 +183,17 @@ def png_ids(folder):
 
 
 def read_png(path, image_size):
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (image_size, image_size):
-            raise DataError(f"{path} is {image.size[0]}x{image.size[1]}, not {image_size}x{image_size}; "
-                            f"re-run `python preprocess.py --image_size={image_size}`")
-        return np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")   # decodes: a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as err:   # PIL's errors for broken PNG data
+        processed_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        raise DataError(f"{path} cannot be read ({err}); re-run `python preprocess.py "
+                        f"--processed_dir={processed_dir}`, which re-makes it from its JPEG") from None
+    if image.size != (image_size, image_size):
+        raise DataError(f"{path} is {image.size[0]}x{image.size[1]}, not {image_size}x{image_size}; "
+                        f"re-run `python preprocess.py --image_size={image_size}`")
+    return np.asarray(image)
 
 
 def load_images(folder, galaxy_ids, image_size, workers=1):
@@ -130,8 +224,9 @@ def load_images(folder, galaxy_ids, image_size, workers=1):
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     payload = {"stamp": stamp, "galaxy_ids": torch.from_numpy(galaxy_ids), "images": images}
     try:
+        remove_dead_temp_files(os.path.dirname(cache), os.path.basename(cache))   # a killed run's, up to GBs
         atomic_write(cache, lambda tmp: torch.save(payload, tmp))
-    except OSError:
+    except (OSError, RuntimeError):   # torch.save reports an unwritable path as RuntimeError
         pass  # a read-only data folder still trains, just without the cache
     return images
 
@@ -184,9 +279,11 @@ def split_for_run(cfg, galaxy_ids, write=True):
     if os.path.isfile(path):
         split = read_split(path)
         known = np.concatenate([split[name] for name in SPLITS])
-        if np.isin(galaxy_ids, known).all():
+        # both ways: a split galaxy without its PNG would make rows_of point at another galaxy
+        if len(known) == len(galaxy_ids) and np.isin(galaxy_ids, known).all():
             return split
-        raise DataError(f"{path} was made for other galaxies; use a new --out_dir or delete it")
+        raise DataError(f"{path} was made for other galaxies than the {len(galaxy_ids)} in {cfg.processed_dir}; "
+                        f"use a new --out_dir or delete it")
     split = make_split(galaxy_ids, cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
     if write:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -3,17 +3,23 @@
     python train.py                                # data/processed -> runs/
     python train.py --demo --epochs=10             # the synthetic demo set
     python train.py --resume                       # continue from runs/last.pt
+    python train.py --resume --epochs=60           # extend it: the lr schedule is re-planned
+    python train.py --init_from=runs/best.pt --lr=1e-4 --out_dir=runs/tune   # fine-tune its weights
+    python train.py --members=5 --out_dir=runs/ens # an ensemble: runs/ens/member_1 ... member_5
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
 
 Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv and
-out_dir/loss.png are rewritten, last.pt is saved and best.pt when val RMSE improves.
+out_dir/loss.png are rewritten, best.pt is saved when val RMSE improves, then last.pt.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
+A run holds out_dir/.lock: a second run into the same out_dir stops at once.
 """
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
+import warnings
 
 import matplotlib
 matplotlib.use("Agg")  # files only; training never opens a window
@@ -27,9 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import preprocess
-from config import answer_help, build_config, parse_overrides
+from config import answer_help, build_config, config_from_dict, parse_overrides
 from crop import CROP_KEYS
-from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
+from dataset import (DataError, atomic_write, augment, load_training_set, lock_folder, remove_dead_temp_files,
+                     rows_of, split_for_run)
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
 
@@ -37,43 +44,115 @@ from model import (CheckpointError, autocast, build_model, choose_numerics, load
 CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction", "seed",
                "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output", "dropout",
                "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
-               "image_size", "workers", "threads", "resume", "max_steps")
+               "image_size", "workers", "threads", "resume", "init_from", "members", "max_steps")
 
-STOP_SIGNAL = None  # set by the signal handler; the loop saves and exits at the next step
+STOP_SIGNAL = None  # set by the first SIGINT/SIGTERM; the loop saves last.pt at the next step and exits
+STOP_REQUESTS = 0
+# tests only: seconds each checkpoint lingers under its temporary name, so a kill can land mid-write
+SAVE_DELAY = float(os.environ.get("TRAIN_TEST_SAVE_DELAY", "0"))
+
+# --resume may change these; what each does is in README.md ("Resuming, extending, fine-tuning")
+CHANGEABLE_ON_RESUME = (
+    "epochs", "lr",                                   # the lr schedule is re-planned from the current step
+    "max_steps", "threads", "workers", "device", "amp", "channels_last",   # how, not what, it computes
+    "out_dir", "processed_dir",                       # checked: the same galaxies (split.csv) and crop keys
+    "resume", "members", "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",   # not read by a resumed run
+    "checkpoint", "split", "tta", "show",              # predict.py and plot_image.py only
+)
+# ... and not these: they define what is trained, so a change would make one run of two halves
+FIXED_ON_RESUME = (
+    "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "output", "dropout",
+    "weight_decay", "init_from", *CROP_KEYS,
+    "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness",
+)
 
 
 def request_stop(signum, frame):
-    global STOP_SIGNAL
-    if STOP_SIGNAL is not None:  # a second Ctrl-C means "now", not "after this step"
+    global STOP_SIGNAL, STOP_REQUESTS
+    STOP_REQUESTS += 1
+    if STOP_REQUESTS == 1:
+        STOP_SIGNAL = signum
+    elif STOP_REQUESTS == 2:
+        # stopping mid-step or mid-write would lose the state about to be saved, and a step is short
+        os.write(2, b"\nstopping: saving last.pt first (a third Ctrl-C quits without saving)\n")
+    else:
         raise KeyboardInterrupt
-    STOP_SIGNAL = signum
 
 
 # --- set-up --------------------------------------------------------------------------
 
-def parse_config(argv):
-    """The run's Config. On --resume the saved config is the base and the command line
-    overrides it, so `python train.py --resume` alone continues the same run."""
-    overrides, _ = parse_overrides(argv)
+def parse_config(overrides):
+    """(the run's Config, last.pt's contents on --resume else None). On --resume the saved
+    config is the base and the command line overrides it, so `python train.py --resume` alone
+    continues the same run; check_resume refuses the overrides that cannot apply mid-run."""
     cfg = build_config(overrides)
     checkpoint = None
     if cfg.resume:
+        if "init_from" in overrides:
+            raise ValueError("--init_from starts a new run and --resume continues one; pass only one of them")
         path = os.path.join(cfg.out_dir, "last.pt")
         if not os.path.isfile(path):
             raise CheckpointError(f"--resume: {path} not found; train without --resume first, "
                                   f"or point --out_dir at the run to continue")
         checkpoint = read_checkpoint(path)
-        cfg = build_config({**checkpoint["config"], **overrides})
-    return adopt_crop_settings(cfg), checkpoint
+        saved = config_from_dict(checkpoint["config"]).to_dict()
+        cfg = build_config({**saved, **overrides, "out_dir": cfg.out_dir})   # the run is where last.pt is
+    cfg = adopt_crop_settings(cfg, overrides)
+    if checkpoint is not None:
+        check_resume(cfg, checkpoint)
+    return cfg, checkpoint
 
 
-def adopt_crop_settings(cfg):
+def adopt_crop_settings(cfg, overrides):
     """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
-    records how its inputs were really made and predict.py crops raw JPEGs the same way."""
+    records how its inputs were really made and predict.py crops raw JPEGs the same way. A crop
+    key asked for on the command line that the PNGs were not made with is an error."""
     for key, value in preprocess.crop_settings(cfg.processed_dir).items():
-        if key in CROP_KEYS:
-            setattr(cfg, key, type(getattr(cfg, key))(value))
+        if key not in CROP_KEYS:
+            continue
+        value = type(getattr(cfg, key))(value)
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--{key}={overrides[key]} but the PNGs in {cfg.processed_dir} were made with "
+                             f"{key}={value}; re-run `python preprocess.py --{key}={overrides[key]} "
+                             f"--processed_dir=...` into another folder, or drop --{key}")
+        setattr(cfg, key, value)
     return cfg
+
+
+def check_resume(cfg, checkpoint):
+    """ValueError unless cfg can continue checkpoint's run: no FIXED_ON_RESUME key changed, and
+    epochs not below the epochs done (or started)."""
+    saved = config_from_dict(checkpoint["config"])
+    changed = [f"{key} {getattr(saved, key)} -> {getattr(cfg, key)}"
+               for key in FIXED_ON_RESUME if getattr(saved, key) != getattr(cfg, key)]
+    if changed:
+        crop_note = (" (crop keys follow the PNGs' preprocess.json)"
+                     if any(change.split()[0] in CROP_KEYS for change in changed) else "")
+        raise ValueError(f"--resume cannot change {', '.join(changed)}{crop_note}: they define the run in "
+                         f"{cfg.out_dir}; drop them, or start a new run with another --out_dir "
+                         f"(--init_from={os.path.join(cfg.out_dir, 'last.pt')} starts one from its weights)")
+    started = checkpoint["epoch"] + (1 if checkpoint["step_in_epoch"] else 0)
+    if cfg.epochs < started:
+        where = f"is in epoch {started}" if checkpoint["step_in_epoch"] else f"has done {started} epochs"
+        raise ValueError(f"--epochs={cfg.epochs} but the run in {cfg.out_dir} {where}; pass "
+                         f"--epochs={started} or more (to extend it), or a new --out_dir")
+
+
+def run_is_complete(cfg, checkpoint):
+    return checkpoint["epoch"] >= cfg.epochs and not checkpoint["step_in_epoch"]
+
+
+def read_init_weights(cfg):
+    """The weights of --init_from's checkpoint, checked to fit this run's model."""
+    checkpoint = read_checkpoint(cfg.init_from)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"--init_from={cfg.init_from} has no model/config; it was not written by train.py")
+    saved = config_from_dict(checkpoint["config"])
+    if (saved.image_size, saved.output) != (cfg.image_size, cfg.output):
+        raise CheckpointError(f"--init_from={cfg.init_from} holds a model for image_size {saved.image_size}, "
+                              f"output {saved.output}, not image_size {cfg.image_size}, output {cfg.output}; "
+                              f"start from a checkpoint of the same shape")
+    return checkpoint["model"]
 
 
 def setup_distributed(cfg):
@@ -89,8 +168,15 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def make_optimizer(model, cfg, steps_per_epoch):
+def make_optimizer(model, cfg, steps_per_epoch, checkpoint=None):
+    """Adam and its lr schedule over cfg.epochs. From a checkpoint, Adam's moment estimates are
+    restored and the schedule, planned from cfg, is moved to the checkpoint's step: the lr is then
+    what an uninterrupted run with cfg's epochs and lr would have there, so --resume may change
+    them (for an unchanged cfg it is exactly the lr the run stopped at)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if checkpoint is not None:  # the per-parameter state only: lr and betas come from cfg and the schedule
+        optimizer.load_state_dict({"state": checkpoint["optimizer"]["state"],
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         # +1: the scheduler also steps after the very last batch
@@ -105,6 +191,11 @@ def make_optimizer(model, cfg, steps_per_epoch):
             milestones=[warmup])
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if checkpoint is not None:
+        with warnings.catch_warnings():  # stepping without optimizer.step() is the point here
+            warnings.filterwarnings("ignore", message="Detected call of")
+            for _ in range(checkpoint["global_step"]):
+                scheduler.step()
     return optimizer, scheduler
 
 
@@ -138,7 +229,29 @@ def train_step(model, optimizer, scheduler, batch, targets, amp, device):
 # --- checkpoints, metrics and plots ----------------------------------------------------
 
 def save_checkpoint(path, state):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp):
+        torch.save(state, tmp)
+        time.sleep(SAVE_DELAY)
+    atomic_write(path, write)
+
+
+def repair_best(cfg, checkpoint):
+    """Give a run whose best.pt is missing one again, so neither --resume nor predict.py is stuck.
+
+    train.py writes best.pt before last.pt, so this only meets runs from before that rule or a
+    best.pt deleted by hand. last.pt's weights at an epoch's end are the best still on disk;
+    mid-epoch there are none, and the end of this epoch writes best.pt.
+    """
+    path = os.path.join(cfg.out_dir, "best.pt")
+    if os.path.isfile(path) or not checkpoint["history"]:
+        return
+    if checkpoint["step_in_epoch"]:
+        checkpoint["best_val_rmse"] = math.inf
+        print(f"{path} is missing: the end of this epoch writes it")
+        return
+    checkpoint["best_val_rmse"] = checkpoint["history"][-1]["val_rmse"]
+    save_checkpoint(path, checkpoint)
+    print(f"{path} was missing: wrote last.pt's weights (epoch {checkpoint['epoch']}) as best.pt")
 
 
 def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean, numerics):
@@ -182,7 +295,7 @@ def write_metrics(history, out_dir, baseline_rmse):
 
 # --- the loop --------------------------------------------------------------------------
 
-def train(cfg, checkpoint):
+def train(cfg, checkpoint, init_weights=None):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     rank, world_size, device = setup_distributed(cfg)
@@ -211,7 +324,7 @@ def train(cfg, checkpoint):
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = len(train_rows) // world_size // cfg.batch_size
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch, checkpoint)
     aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
 
@@ -219,8 +332,6 @@ def train(cfg, checkpoint):
                 "best_val_rmse": math.inf, "history": []}
     if checkpoint is not None:
         load_state(raw_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         progress = {key: checkpoint[key] for key in progress}
         rng = checkpoint["rng"]
         if world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
@@ -230,7 +341,12 @@ def train(cfg, checkpoint):
                 torch.cuda.set_rng_state(rng["cuda"], device)
         if is_main:
             print(f"resumed from {cfg.out_dir}/last.pt at epoch {progress['epoch'] + 1}, "
-                  f"step {progress['step_in_epoch']}")
+                  f"step {progress['step_in_epoch']} | epochs {cfg.epochs}, lr {cfg.lr:g} "
+                  f"(lr now {scheduler.get_last_lr()[0]:.2e})")
+    elif init_weights is not None:
+        load_state(raw_model, init_weights, cfg.init_from)
+        if is_main:
+            print(f"weights from {cfg.init_from}; fresh optimizer and lr schedule from epoch 1")
 
     if is_main:
         print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
@@ -288,8 +404,14 @@ def train(cfg, checkpoint):
         if is_main:
             print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | val RMSE {val_rmse:.5f}"
                   f"{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}")
-            save(*(["last.pt", "best.pt"] if improved else ["last.pt"]))
+            # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
+            # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
+            save(*(["best.pt", "last.pt"] if improved else ["last.pt"]))
             write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse)
+        if stop_requested(world_size):  # the signal came during the epoch's end: last.pt is saved
+            if is_main:
+                print(f"stopped by signal {STOP_SIGNAL}; saved {cfg.out_dir}/last.pt (resume with --resume)")
+            return 128 + STOP_SIGNAL
 
     if is_main:
         report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction, device, numerics)
@@ -337,14 +459,82 @@ def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction,
           f"{baseline:.5f} | {len(test_rows)} galaxies")
 
 
+def claim_out_dir(out_dir):
+    """Lock out_dir for this run (one-line error if another run holds it or it cannot be written)
+    and delete the temporary files killed runs left there. Returns the lock, to be kept open."""
+    lock = lock_folder(out_dir)
+    for name in remove_dead_temp_files(out_dir):
+        print(f"removed {os.path.join(out_dir, name)}, left by a killed run")
+    return lock
+
+
+def train_run(overrides):
+    """One run: lock its out_dir, then train, resume, extend or fine-tune it. Returns the exit code."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = claim_out_dir(build_config(overrides).out_dir) if is_main else None  # noqa: F841 (held open)
+    cfg, checkpoint = parse_config(overrides)
+    init_weights = read_init_weights(cfg) if cfg.init_from and checkpoint is None else None
+    if checkpoint is not None:
+        if is_main:
+            repair_best(cfg, checkpoint)
+        if run_is_complete(cfg, checkpoint):
+            if is_main:
+                print(f"{cfg.out_dir} is already complete: {checkpoint['epoch']} of {cfg.epochs} epochs done; "
+                      f"nothing to train (a larger --epochs extends it)")
+            return 0
+    return train(cfg, checkpoint, init_weights)
+
+
+def train_members(cfg, argv):
+    """Train an ensemble's members one after another, each a train.py process of its own in
+    out_dir/member_<k> with seed cfg.seed + k - 1 and the same split_seed (so the same val and test
+    galaxies). Re-running the same command resumes an unfinished member and skips finished ones."""
+    lock = claim_out_dir(cfg.out_dir)  # noqa: F841 (held open): one ensemble command at a time
+    passed = [arg for arg in argv if arg.split("=")[0] not in ("--members", "--out_dir", "--seed", "--resume")]
+    for k in range(1, cfg.members + 1):
+        member_dir = os.path.join(cfg.out_dir, f"member_{k}")
+        args = [*passed, f"--out_dir={member_dir}", f"--seed={cfg.seed + k - 1}", "--members=1"]
+        last = os.path.join(member_dir, "last.pt")
+        if os.path.isfile(last):
+            checkpoint = read_checkpoint(last)
+            if run_is_complete(cfg, checkpoint):
+                print(f"member {k}: done, skipped")
+                continue
+            # its weights are in last.pt now; --init_from is for starting a run only
+            args = [arg for arg in args if not arg.startswith("--init_from")] + ["--resume"]
+        print(f"member {k} of {cfg.members}: seed {cfg.seed + k - 1} -> {member_dir}", flush=True)
+        code = run_member([sys.executable, os.path.abspath(__file__), *args])
+        if code:
+            print(f"member {k} stopped (exit {code}); run the same command again to continue")
+            return code
+    return 0
+
+
+def run_member(command):
+    """Run a member's train.py and return its exit code, passing it our SIGINT/SIGTERM once: in
+    its own session, so a terminal's Ctrl-C reaches it only through us (not twice)."""
+    member = subprocess.Popen(command, start_new_session=True)
+    forward = lambda signum, frame: member.send_signal(signum)  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return member.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main():
     answer_help(sys.argv[1:], __doc__, CONFIG_KEYS)
+    code = 0
     try:
-        cfg, checkpoint = parse_config(sys.argv[1:])
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        code = train(cfg, checkpoint)
+        overrides, _ = parse_overrides(sys.argv[1:])
+        cfg = build_config(overrides)
+        code = train_members(cfg, sys.argv[1:]) if cfg.members > 1 else train_run(overrides)
     except (ValueError, DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # a third Ctrl-C
+        print("error: stopped without saving; last.pt holds the last complete save", file=sys.stderr)
+        code = 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,8 +3,11 @@
     demo_raw        Path of a raw_dir holding Kaggle's three zips with 96 train + 16 test galaxies
     demo_processed  a Config whose raw_dir is demo_raw and whose processed_dir holds its PNGs and
                     labels.csv (crop=roi, image_size=64); treat both folders as read-only
+    data_args       train.py's arguments for demo_processed with helpers.SMALL
+    full_run        (out_dir, result) of two uninterrupted epochs with data_args: the reference for
+                    resume and determinism; treat out_dir as read-only (copy what a test changes)
 
-Both are built once per test session. SHARED_SAMPLE is the real 3,000 + 200 image sample beside
+All are built once per test session. SHARED_SAMPLE is the real 3,000 + 200 image sample beside
 the repository (../shared); mark tests that need it with @needs_real_sample.
 """
 import sys
@@ -17,6 +20,7 @@ sys.path.insert(0, str(REPO))   # import the project's scripts as modules, from 
 
 from config import build_config  # noqa: E402
 import demo  # noqa: E402
+from helpers import SMALL, run_train  # noqa: E402
 import preprocess  # noqa: E402
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/galaxy-zoo-sample"
@@ -39,3 +43,15 @@ def demo_processed(demo_raw):
                         "workers": 2})
     preprocess.preprocess(cfg, progress=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def data_args(demo_processed):
+    return [f"--processed_dir={demo_processed.processed_dir}"] + SMALL
+
+
+@pytest.fixture(scope="session")
+def full_run(data_args, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("full")
+    result = run_train(*data_args, "--epochs=2", f"--out_dir={out_dir}")
+    return out_dir, result

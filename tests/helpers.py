@@ -1,12 +1,15 @@
-"""Helpers shared by the test files: running a script, a random-weight checkpoint, the demo config."""
+"""Helpers shared by the test files: running a script or train.py, a random-weight checkpoint, the
+demo config, comparing checkpoints' weights, synthetic images."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -16,11 +19,40 @@ from dataset import make_split, save_split
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+# train.py on the tests' data, fp32 NCHW forced: "auto" would time the numerics candidates at every start
+# (tested on its own in test_train.py)
+SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1", "--amp=false", "--channels_last=false"]
 
 
 def run_script(script, *args):
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
+
+
+def run_train(*args, check=True, **kwargs):
+    result = subprocess.run([sys.executable, "-u", str(REPO / "train.py"), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def without_root_override():
+    """Command prefix that runs a process without root's right to write anywhere (the tests run as
+    root in CI), so a read-only folder is read-only to it; skips the test where that is impossible."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: a read-only folder cannot be tested")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[key], b[key]) for key in a)
 
 
 def one_line_error(result):

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -5,8 +10,10 @@ import torch
 from PIL import Image
 
 from config import Config
-from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set,
-                     make_split, random_dihedral, read_split, save_split)
+from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, lock_folder,
+                     make_split, random_dihedral, read_labels, read_split, remove_dead_temp_files, save_split)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_processed(folder, galaxy_ids, labelled_ids=None, size=64):
@@ -106,3 +113,62 @@ def test_small_rotation_of_a_centred_disk_changes_little():
     disk = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 64).float().expand(4, 3, 32, 32)
     out = augment(disk, Config(aug_flips=False, aug_rotate=30), torch.Generator().manual_seed(0))
     assert (out - disk).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("row, column, value, fragment", [
+    (2, "Class1.1", "", "line 4: Class1.1 is ''"),            # an emptied cell
+    (1, "Class2.1", "nan", "line 3: Class2.1 is 'nan'"),
+    (0, "Class3.1", "-5", "line 2: Class3.1 is '-5'"),
+    (3, "Class4.1", "oops", "line 5: Class4.1 is 'oops'"),
+    (2, "GalaxyID", "1", "line 4: GalaxyID 1 repeats line 2"),
+    (1, "GalaxyID", "99999999999999999999999", "line 3: GalaxyID '99999999999999999999999' is not"),
+    (1, "GalaxyID", "-7", "line 3: GalaxyID '-7' is not"),
+])
+def test_edited_labels_are_refused_naming_file_line_and_fix(tmp_path, row, column, value, fragment):
+    write_processed(tmp_path, [1, 2, 3, 4])
+    table = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    table.loc[row, column] = value
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataError) as caught:
+        read_labels(str(tmp_path))
+    message = str(caught.value)
+    assert fragment in message and str(tmp_path / "labels.csv") in message and "re-run `python preprocess.py" in message
+    assert "\n" not in message
+
+
+def test_labels_allow_float_noise_around_zero_and_one(tmp_path):
+    write_processed(tmp_path, [1, 2])
+    table = pd.read_csv(tmp_path / "labels.csv")
+    table.loc[0, "Class1.1"], table.loc[1, "Class1.2"] = -1e-7, 1 + 1e-7
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    galaxy_ids, vote_fractions = read_labels(str(tmp_path))
+    assert galaxy_ids.tolist() == [1, 2] and vote_fractions.min() >= 0 and vote_fractions.max() <= 1
+
+
+def test_truncated_png_is_named_with_the_fix(tmp_path):
+    write_processed(tmp_path, [1, 2])
+    png = tmp_path / "train" / "2.png"
+    png.write_bytes(png.read_bytes()[:-2000])
+    with pytest.raises(DataError, match=r"2\.png cannot be read .*re-makes it from its JPEG"):
+        load_training_set(Config(processed_dir=str(tmp_path)))
+
+
+def test_dead_processes_temp_files_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()   # its pid now belongs to no process (pids are not reused this quickly)
+    for name in (f"last.pt.{dead.pid}.tmp", f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"):
+        (tmp_path / name).write_text("x")
+    assert remove_dead_temp_files(str(tmp_path)) == [f"last.pt.{dead.pid}.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"])
+
+
+def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dataset import lock_folder; "
+                               f"lock_folder({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(DataError, match=f"in use by pid {holder.pid} "):
+        lock_folder(str(tmp_path))
+    holder.kill()
+    holder.wait()
+    os.close(lock_folder(str(tmp_path)))   # the kernel released the dead holder's lock

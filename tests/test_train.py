@@ -14,40 +14,10 @@ from PIL import Image
 from dataset import LABEL_COLUMNS
 from config import Config
 from model import GalaxyCNN, load_model
+from helpers import SMALL, one_line_error, run_train, same_weights, weights, without_root_override
 from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-# fp32 NCHW forced: "auto" would time the candidates at every start (tested on its own below)
-SMALL = ["--batch_size=16", "--threads=1", "--workers=1", "--dropout=0.1", "--amp=false", "--channels_last=false"]
-
-
-def run_train(*args, check=True, **kwargs):
-    result = subprocess.run([sys.executable, "-u", str(REPO / "train.py"), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
-
-
-def same_weights(a, b):
-    return all(torch.equal(a[key], b[key]) for key in a)
-
-
-@pytest.fixture(scope="module")
-def data_args(demo_processed):
-    return [f"--processed_dir={demo_processed.processed_dir}"] + SMALL
-
-
-@pytest.fixture(scope="module")
-def full_run(data_args, tmp_path_factory):
-    """Two uninterrupted epochs: the reference for resume and determinism."""
-    out_dir = tmp_path_factory.mktemp("full")
-    result = run_train(*data_args, "--epochs=2", f"--out_dir={out_dir}")
-    return out_dir, result
 
 
 def test_training_writes_checkpoints_metrics_and_plot(full_run):
@@ -148,6 +118,8 @@ def test_two_process_gloo_run(data_args, tmp_path):
     (["--batch_size=0"], "batch_size must be a positive integer"),
     (["--lr=-0.1"], "lr must be positive"),
     (["--resume"], "last.pt not found"),
+    (["--init_from=x.pt", "--resume"], "pass only one of them"),
+    (["--image_size=32"], "were made with image_size=64"),   # the PNGs are 64 px: never silently 64
 ])
 def test_impossible_requests_are_one_line_errors(data_args, tmp_path, args, fragment):
     result = run_train(*data_args, f"--out_dir={tmp_path}", *args, check=False)
@@ -166,13 +138,34 @@ def test_missing_or_unmatched_data_are_one_line_errors(tmp_path):
     assert result.returncode != 0 and "matches no PNG" in result.stderr
 
 
+def test_unwritable_out_dir_is_a_one_line_error_before_any_work(data_args, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    assert "cannot write in" in one_line_error(run_train(*data_args, f"--out_dir={tmp_path / 'file'}", check=False))
+    (tmp_path / "ro").mkdir(mode=0o555)
+    command = [*without_root_override(), sys.executable, str(REPO / "train.py"), *data_args, f"--out_dir={tmp_path / 'ro'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "cannot write in" in one_line_error(result) and "Permission denied" in result.stderr
+
+
+def test_read_only_data_folder_still_trains(demo_processed, tmp_path):
+    processed = tmp_path / "processed"
+    shutil.copytree(demo_processed.processed_dir, processed, ignore=shutil.ignore_patterns("*_images.pt"))
+    for folder in (processed / "train", processed):
+        folder.chmod(0o555)
+    command = [*without_root_override(), sys.executable, str(REPO / "train.py"), f"--processed_dir={processed}",
+               f"--out_dir={tmp_path / 'run'}", *SMALL, "--max_steps=1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(processed.glob("*images.pt*"))   # no cache, and no temporary file either
+
+
 def test_resume_from_a_different_model_is_refused(full_run, data_args, tmp_path):
     out_dir, _ = full_run
     checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
     checkpoint["model"] = GalaxyCNN(image_size=96).state_dict()
     (tmp_path / "split.csv").write_text((out_dir / "split.csv").read_text())
     torch.save(checkpoint, tmp_path / "last.pt")
-    result = run_train(f"--out_dir={tmp_path}", "--resume", check=False)
+    result = run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=3", check=False)   # 2 are done
     assert result.returncode != 0 and "different model" in result.stderr
     assert result.stderr.strip().count("\n") == 0
 

@@ -1,0 +1,201 @@
+"""train.py runs over time: resuming with changed settings, extending, fine-tuning, ensembles,
+the out_dir lock, and kills at any moment (checkpoint writes included)."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from config import Config
+from helpers import one_line_error, run_train, same_weights, save_checkpoint, weights
+from train import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_run(out_dir, to, names=("last.pt", "split.csv")):
+    """A copy of a finished run's files, for a test that may change them."""
+    to.mkdir()
+    for name in names:
+        shutil.copy(out_dir / name, to / name)
+    return to
+
+
+def start_train(*args, env=None):
+    return subprocess.Popen([sys.executable, "-u", str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, timeout=120):
+    """Poll condition() every 20 ms until true; fails if process exits first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"train.py exited ({process.returncode}) first: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --- resume with changed settings (issues #10, #12) ---------------------------------------
+
+def test_every_config_key_is_either_changeable_or_fixed_on_resume():
+    changeable, fixed = set(CHANGEABLE_ON_RESUME), set(FIXED_ON_RESUME)
+    assert not changeable & fixed
+    assert changeable | fixed == {f.name for f in fields(Config)}
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_resumed_schedule_continues_exactly_and_replans_over_new_epochs(schedule):
+    """From a checkpoint at step k, make_optimizer gives the lr of a fresh schedule stepped k times:
+    the same one for the same epochs, the longer schedule's for more epochs."""
+    def lr_after(cfg, steps):
+        optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), cfg, steps_per_epoch=10)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler.get_last_lr()[0]
+
+    optimizer, _ = lr_after(Config(schedule=schedule, epochs=2), 20)
+    checkpoint = {"optimizer": optimizer.state_dict(), "global_step": 20}
+    for cfg in (Config(schedule=schedule, epochs=2), Config(schedule=schedule, epochs=5, lr=1e-2)):
+        _, resumed = make_optimizer(torch.nn.Linear(2, 2), cfg, 10, checkpoint)
+        assert resumed.get_last_lr()[0] == lr_after(cfg, 20)[1]
+
+
+def test_extending_a_run_replans_the_schedule_and_refuses_fewer_epochs(data_args, tmp_path):
+    run_train(*data_args, "--epochs=1", f"--out_dir={tmp_path}")
+    # issue #10: this crashed at the first step of epoch 2 (the scheduler kept its old total);
+    # --lr changes the peak of the re-planned one-cycle schedule (it was ignored yet recorded)
+    run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=2", "--lr=1e-2")
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["config"]["epochs"] == 2 and last["config"]["lr"] == 1e-2
+    final_lr = pd.read_csv(tmp_path / "metrics.csv")["lr"].tolist()
+    assert final_lr[0] == pytest.approx(1e-3 / 25 / 1e4) and final_lr[1] == pytest.approx(1e-2 / 25 / 1e4)
+    done = run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=2")
+    assert "already complete: 2 of 2 epochs done" in done.stdout
+    fewer = run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=1", check=False)
+    assert "--epochs=1 but the run in" in one_line_error(fewer) and "has done 2 epochs" in fewer.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--batch_size=8"], "batch_size 16 -> 8"),      # died mid-epoch: "Tried to step 23 times"
+    (["--batch_size=32"], "batch_size 16 -> 32"),    # silently skipped the rest of the epoch
+    (["--schedule=cosine", "--seed=7"], "schedule onecycle -> cosine, seed 1337 -> 7"),   # KeyError: '_schedulers'
+])
+def test_resume_refuses_keys_that_define_the_run(full_run, tmp_path, args, named):
+    out_dir = copy_run(full_run[0], tmp_path / "run")
+    result = run_train(f"--out_dir={out_dir}", "--resume", "--epochs=3", *args, check=False)
+    assert f"--resume cannot change {named}" in one_line_error(result)
+
+
+# --- fine-tuning and ensembles ----------------------------------------------------------
+
+def test_init_from_starts_a_new_run_from_the_weights(full_run, data_args, tmp_path):
+    start = full_run[0] / "best.pt"
+    result = run_train(*data_args, f"--init_from={start}", "--lr=1e-12", "--max_steps=1", f"--out_dir={tmp_path}")
+    assert f"weights from {start}" in result.stdout
+    tuned = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert tuned["config"]["init_from"] == str(start) and tuned["global_step"] == 1 and tuned["epoch"] == 0
+    assert all(int(state["step"]) == 1 for state in tuned["optimizer"]["state"].values())   # a fresh Adam
+    initial = weights(start)
+    for key in (key for key in initial if key.endswith(".weight")):   # one step at lr 1e-12 moves nothing
+        torch.testing.assert_close(tuned["model"][key], initial[key], rtol=0, atol=1e-6)
+
+
+def test_init_from_a_model_of_another_shape_is_refused(data_args, tmp_path):
+    other = save_checkpoint(tmp_path / "big.pt", Config(image_size=96))
+    result = run_train(*data_args, f"--init_from={other}", f"--out_dir={tmp_path / 'run'}", check=False)
+    assert "holds a model for image_size 96" in one_line_error(result)
+
+
+def test_members_train_resume_and_skip_with_one_command(data_args, tmp_path):
+    ensemble = [*data_args, "--members=2", "--epochs=1", f"--out_dir={tmp_path}"]
+    run_train(*ensemble, "--max_steps=2")   # both members stop part-way
+    resumed = run_train(*ensemble, "--max_steps=0")
+    assert resumed.stdout.count("resumed from") == 2
+    again = run_train(*ensemble)
+    assert "member 1: done, skipped" in again.stdout and "member 2: done, skipped" in again.stdout
+    members = [torch.load(tmp_path / f"member_{k}" / "last.pt", weights_only=True) for k in (1, 2)]
+    assert [m["config"]["seed"] for m in members] == [1337, 1338] and all(m["epoch"] == 1 for m in members)
+    assert not same_weights(members[0]["model"], members[1]["model"])
+    splits = [(tmp_path / f"member_{k}" / "split.csv").read_text() for k in (1, 2)]
+    assert splits[0] == splits[1]   # one split_seed: the same val and test galaxies
+
+
+# --- the out_dir lock ---------------------------------------------------------------------
+
+def test_second_run_into_a_locked_out_dir_fails_fast_until_the_holder_dies(data_args, tmp_path):
+    holder = start_train(*data_args, "--epochs=50", f"--out_dir={tmp_path}")
+    try:
+        wait_for(lambda: "train.py" in ((tmp_path / ".lock").read_text() if (tmp_path / ".lock").exists() else ""),
+                 holder)
+        second = run_train(*data_args, f"--out_dir={tmp_path}", check=False)
+        assert f"is in use by pid {holder.pid} (train.py)" in one_line_error(second)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_train(*data_args, "--max_steps=1", f"--out_dir={tmp_path}")   # the kernel dropped the dead holder's lock
+
+
+# --- kills and crashes (issue #12) ---------------------------------------------------------
+
+def test_missing_best_pt_is_rebuilt_from_last_pt(full_run, tmp_path):
+    out_dir = copy_run(full_run[0], tmp_path / "run")   # as if killed between last.pt and best.pt
+    result = run_train(f"--out_dir={out_dir}", "--resume")
+    assert "best.pt was missing" in result.stdout and "already complete" in result.stdout
+    assert torch.load(out_dir / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_two_ctrl_c_during_a_save_keep_it_and_exit_130(data_args, tmp_path):
+    env = {**os.environ, "TRAIN_TEST_SAVE_DELAY": "1.5"}   # the presses land while best.pt is written
+    process = start_train(*data_args, "--epochs=3", f"--out_dir={tmp_path}", env=env)
+    for line in process.stdout:
+        if line.startswith("epoch 1:"):
+            break
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in errors, errors[-2000:]
+    assert "saving last.pt first" in errors and "stopped by signal 2" in output
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sigkill_at_any_moment_never_leaves_a_run_stuck(full_run, data_args, tmp_path):
+    """SIGKILL during checkpoint writes (each lingers 0.5 s under its temporary name) and at a
+    random moment: the same command, with --resume once last.pt exists, always finishes the run,
+    with the weights of an uninterrupted one and no temporary file left behind."""
+    env = {**os.environ, "TRAIN_TEST_SAVE_DELAY": "0.5"}
+    args = [*data_args, "--epochs=2", f"--out_dir={tmp_path}"]
+    moment = random.Random(0).uniform(0.2, 1.5)
+
+    def writing_a_checkpoint(process):
+        return lambda: bool(list(tmp_path.glob(f"*.pt.{process.pid}.tmp")))
+
+    def a_moment_after_last_pt(process):
+        return lambda: (tmp_path / "last.pt").exists() and time.sleep(moment) is None
+
+    def resume():
+        return ["--resume"] if (tmp_path / "last.pt").exists() else []
+
+    # epoch 1's best.pt with nothing saved yet; a random moment after last.pt; a write of epoch 2
+    for kill_when in (writing_a_checkpoint, a_moment_after_last_pt, writing_a_checkpoint):
+        process = start_train(*args, *resume(), env=env)
+        wait_for(kill_when(process), process)
+        process.kill()
+        process.wait()
+    assert list(tmp_path.glob("*.tmp"))   # the last kill left its temporary file
+    result = run_train(*args, *resume(), env=env)
+    assert "left by a killed run" in result.stdout
+    assert not list(tmp_path.glob("*.tmp"))
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert same_weights(weights(full_run[0] / "last.pt"), weights(tmp_path / "last.pt"))
+    assert (tmp_path / "best.pt").is_file()
