@@ -2,8 +2,10 @@
 with labels.csv, the cached uint8 image tensor, the train/val/test split and
 batch augmentation.
 """
+import fcntl
 import math
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -69,6 +71,52 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def writable_folder(path, what):
+    """Make the folder path (and its parents) and check that a file can be created in it.
+
+    Run before any work, so that a wrong or read-only output folder is a one-line DataError
+    that says what to do, not a traceback after an hour's work. what is the config key that
+    set the path (e.g. "processed_dir"), named in the fix.
+    """
+    path = str(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{what} {path} is a file, not a folder; pass another --{what}=... or move the file away")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise DataError(f"cannot write into {what} {path} ({err.strerror}); make it writable "
+                        f"or pass another --{what}=...") from None
+
+
+def lock_folder(folder, what):
+    """Hold an exclusive lock on folder (folder/.lock, holding this process's PID) until exit.
+
+    A second run on the same folder gets a DataError naming the PID of the one that holds it.
+    The kernel drops the lock when its process dies, so a lock left by a killed run is taken
+    over. Worker processes forked later close their copy, so that they cannot keep a dead
+    parent's lock alive. Returns the open lock file; closing it releases the lock.
+    """
+    path = os.path.join(folder, ".lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise DataError(f"{folder} is in use by another {what} (PID {pid}); wait for it to finish, "
+                        f"or stop it, then run this again") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    os.register_at_fork(after_in_child=lock.close)   # close() drops this copy, not the lock
+    return lock
 
 
 # --- labels and images ------------------------------------------------------------
