@@ -1,12 +1,15 @@
-"""Helpers shared by the test files: running a script, a random-weight checkpoint, the demo config."""
+"""Helpers shared by the test files: running a script (also without root's powers), a random-weight checkpoint,
+the demo config."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -23,10 +26,31 @@ def run_script(script, *args):
                           capture_output=True, text=True, timeout=120)
 
 
+def without_root_powers(*command):
+    """command as a process without capabilities: root then meets file permissions, as a user does."""
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop root's capabilities")
+    probe = subprocess.run(prefix + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"setpriv cannot drop capabilities here: {probe.stderr.strip()}")
+    return subprocess.run(prefix + list(command), cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+def main_error(monkeypatch, main, script, *args):
+    """A script's main() run in this process (no second torch import): the one-line message it exits with."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
 
 
 def save_checkpoint(path, cfg, galaxy_ids=None, seed=0, train_mean=None):

@@ -16,7 +16,7 @@ import preprocess
 from config import build_config
 from conftest import REPO
 from dataset import DataError
-from helpers import one_line_error, run_script
+from helpers import one_line_error, run_script, without_root_powers
 
 
 def run(cfg_overrides):
@@ -128,17 +128,6 @@ def test_output_that_is_a_file_is_a_one_line_error_before_any_work(demo_raw, tmp
     assert not (tmp_path / "out" / "test").exists()   # nothing done before the check
     with pytest.raises(DataError, match=r"cannot write into processed_dir .*a_file/inside \(Not a directory\)"):
         run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "a_file" / "inside")})
-
-
-def without_root_powers(*command):
-    """command as a process without capabilities: root then meets file permissions, as a user does."""
-    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed: cannot drop root's capabilities")
-    probe = subprocess.run(prefix + ["true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"setpriv cannot drop capabilities here: {probe.stderr.strip()}")
-    return subprocess.run(prefix + list(command), cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("read_only", ["processed_dir", "processed_dir/train"])
