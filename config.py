@@ -208,9 +208,24 @@ def get_config(argv=None, positional=(), doc="", keys=None):
 
 
 def config_from_dict(saved):
-    """Rebuild the Config stored in a checkpoint, ignoring keys this version no longer has."""
-    names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in names})
+    """Rebuild the Config stored in a checkpoint, ignoring keys this version no longer has.
+
+    Raises ValueError for a value of the wrong type (e.g. image_size "64"): a Config built from
+    it would fail far from here, or silently build another model.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(f"the config is a {type(saved).__name__}, not a dict")
+    types = {f.name: f.type for f in fields(Config)}
+    kept = {k: v for k, v in saved.items() if k in types}
+    for key, value in kept.items():
+        kind = types[key]
+        # ints are fine where floats are wanted; bools (an int subclass) only where bools are
+        ok = (key in SWITCH_KEYS and isinstance(value, (bool, str))
+              or isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+              or kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{key} is {value!r} ({type(value).__name__}), not a {kind.__name__}")
+    return Config(**kept)
 
 
 # --- --help --------------------------------------------------------------------------

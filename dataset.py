@@ -103,30 +103,50 @@ def remove_dead_temp_files(folder, prefix=""):
     return removed
 
 
-def lock_folder(folder):
-    """Take the exclusive lock on folder/.lock (made if need be) for the rest of this process and
-    write our PID and script into it; returns the open descriptor, which must stay open.
+def writable_folder(path, what):
+    """Make the folder path (and its parents) and check that a file can be created in it.
 
-    DataError, naming the holder, when another process has it; DataError when folder cannot be
-    written. The kernel drops an flock when its process dies, so a killed run never leaves the
-    folder locked.
+    Run before any work, so that a wrong or read-only output folder is a one-line DataError
+    that says what to do, not a traceback after an hour's work. what is the config key that
+    set the path (e.g. "processed_dir"), named in the fix.
     """
+    path = str(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{what} {path} is a file, not a folder; pass another --{what}=... or move the file away")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass   # can we write here? A writable .lock would not say so about the folder itself
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise DataError(f"cannot write in {folder} ({err.strerror}); choose a folder you can write to") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
-        raise DataError(f"{folder} is in use by {holder}; wait for it to finish, or choose another folder") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} ({os.path.basename(sys.argv[0]) or 'python'})\n".encode(), 0)
-    return fd
+        os.remove(probe)
+    except OSError as err:
+        raise DataError(f"cannot write into {what} {path} ({err.strerror}); make it writable "
+                        f"or pass another --{what}=...") from None
+
+
+def lock_folder(folder, what, name=".lock"):
+    """Hold an exclusive lock on folder (folder/<name>, holding this process's PID) until exit.
+
+    A second run on the same folder gets a DataError naming the PID of the one that holds it.
+    The kernel drops the lock when its process dies, so a lock left by a killed run is taken
+    over. Worker processes forked later close their copy, so that they cannot keep a dead
+    parent's lock alive. Returns the open lock file; closing it releases the lock.
+    """
+    path = os.path.join(folder, name)
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise DataError(f"{folder} is in use by another {what} (PID {pid}); wait for it to finish, "
+                        f"or stop it, then run this again") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    os.register_at_fork(after_in_child=lock.close)   # close() drops this copy, not the lock
+    return lock
 
 
 # --- labels and images ------------------------------------------------------------

@@ -126,7 +126,11 @@ def model_from_checkpoint(checkpoint, path, device="cpu"):
     """load_model for a checkpoint already read (by read_checkpoint) from path."""
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no model/config; it was not written by train.py")
-    cfg = config_from_dict(checkpoint["config"])
+    try:
+        cfg = config_from_dict(checkpoint["config"]).validate()
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} holds an unusable config ({err}); "
+                              f"it was not written by this project's train.py") from None
     model = build_model(cfg)
     load_state(model, checkpoint["model"], path)
     return model.to(device).eval(), cfg

@@ -9,6 +9,7 @@ The galaxy is looked up in raw_dir (Kaggle's zips or folders) and processed_dir,
 """
 import io
 import os
+import re
 import sys
 import zipfile
 
@@ -21,7 +22,7 @@ from PIL import Image
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy
-from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
+from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels, writable_folder
 from model import CheckpointError, choose_numerics, load_model, predict, resolve_device, rmse
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
@@ -180,12 +181,13 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
 
 def main():
     cfg, args = get_config(positional=("galaxy_id",), doc=__doc__, keys=CONFIG_KEYS)
-    if not args["galaxy_id"].isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", args["galaxy_id"]):   # 18 digits always fit int64, as IDs must
         sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
     galaxy_id = int(args["galaxy_id"])
     if not cfg.show:
         plt.switch_backend("Agg")  # files only, no display needed
     try:
+        writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
         galaxy = find_galaxy(cfg, galaxy_id)
         model, model_cfg = None, None
         if cfg.checkpoint:

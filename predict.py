@@ -22,8 +22,8 @@ from tqdm import tqdm
 import preprocess
 from config import get_config
 from crop import BadImage, crop_galaxy
-from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, png_ids, read_labels,
-                     read_png, read_split)
+from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, lock_folder, png_ids,
+                     read_labels, read_png, read_split, writable_folder)
 from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict, read_checkpoint, resolve_device,
                    rmse)
 
@@ -54,6 +54,8 @@ def load_processed(task):
         return galaxy_id, read_png(path, preprocess.worker_job["cfg"].image_size), ""
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying corrupt or truncated
         return galaxy_id, None, f"corrupt or truncated PNG: {err}"
+    except Exception as err:  # one image must never end the run
+        return galaxy_id, None, preprocess.unexpected_error(err)
 
 
 def load_raw(task):
@@ -65,8 +67,10 @@ def load_raw(task):
         return galaxy_id, np.asarray(crop, np.uint8), ""
     except BadImage as err:
         return galaxy_id, None, str(err)
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged zip member
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
         return galaxy_id, None, f"unreadable file: {err}"
+    except Exception as err:  # one image must never end the run
+        return galaxy_id, None, preprocess.unexpected_error(err)
 
 
 def kaggle_test_images(cfg, model_cfg):
@@ -242,6 +246,21 @@ def plot_evaluation(table, path, title):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
+def load_split_images(folder, galaxy_ids, image_size, cfg):
+    """load_images, or a DataError naming the first PNG it cannot read (a truncated one, say)."""
+    try:
+        return load_images(folder, galaxy_ids, image_size, cfg.workers)
+    except (OSError, SyntaxError, ValueError) as err:   # Pillow's ways of saying corrupt or truncated
+        for gid in galaxy_ids.tolist():   # only on failure: find which one, to name it
+            path = os.path.join(folder, f"{gid}.png")
+            try:
+                read_png(path, image_size)
+            except (OSError, SyntaxError, ValueError):
+                raise DataError(f"{path} is unreadable ({err}); re-run `python preprocess.py "
+                                f"--processed_dir={cfg.processed_dir}` to redo it") from None
+        raise
+
+
 def evaluate_split(cfg, model, model_cfg, checkpoint):
     split_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "split.csv")
     split = read_split(split_path)
@@ -261,7 +280,7 @@ def evaluate_split(cfg, model, model_cfg, checkpoint):
     targets = vote_fractions[[row_of[gid] for gid in galaxy_ids.tolist()]]
     baseline = vote_fractions[[row_of[gid] for gid in split["train"].tolist()]].mean(0)
 
-    images = load_images(os.path.join(cfg.processed_dir, "train"), galaxy_ids, model_cfg.image_size, cfg.workers)
+    images = load_split_images(os.path.join(cfg.processed_dir, "train"), galaxy_ids, model_cfg.image_size, cfg)
     with tqdm(total=len(images), unit="img", desc=f"predict {cfg.split}") as bar:
         predictions = predict(model, images, cfg.batch_size, *inference_numerics(model, model_cfg, cfg), cfg.tta,
                               progress=bar.update).numpy()
@@ -287,6 +306,9 @@ def main():
     cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
     checkpoint = checkpoint_path(cfg)
     try:
+        writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
+        # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there
+        lock = lock_folder(cfg.out_dir, "predict.py", ".predict.lock")  # held until the process exits
         saved = read_checkpoint(checkpoint)
         model, model_cfg = model_from_checkpoint(saved, checkpoint, resolve_device(cfg.device))
         if cfg.split == "kaggle":

@@ -11,12 +11,15 @@ complete; every file gets its name only when it is whole, so a killed run leaves
 half-written file. Unusable input is listed in processed_dir/skipped.csv, never fatal.
 Images of any size are accepted (Kaggle's are all 424x424); ones smaller than image_size are skipped.
 """
+import csv
+import io
 import json
 import os
 import signal
 import struct
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy
-from dataset import LABEL_COLUMNS, atomic_write
+from dataset import LABEL_COLUMNS, DataError, atomic_write, lock_folder, writable_folder
 
 # Kaggle's file names, without .zip / .csv
 SPLIT_FOLDERS = {"train": "images_training_rev1", "test": "images_test_rev1"}
@@ -79,13 +82,23 @@ def _is_jpeg_name(name):
     return base.lower().endswith((".jpg", ".jpeg")) and not base.startswith("._")
 
 
+def _open_zip(path):
+    """zipfile.ZipFile(path); a DataError that says to download it again if it is damaged."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:   # truncated, or not a zip at all
+        raise DataError(f"{path} is damaged or not a zip ({err}); download Kaggle's {Path(path).name} again") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); check that it is a readable file") from None
+
+
 def scan_images(raw_dir, split):
     """({galaxy_id: reference}, [skip records]) for one split; see raw_images for references."""
     source = _find_images_source(raw_dir, split)
     if source is None:
         return {}, []
     if source.suffix == ".zip":
-        with zipfile.ZipFile(source) as archive:
+        with _open_zip(source) as archive:
             names = [n for n in archive.namelist() if _is_jpeg_name(n) and "__MACOSX" not in n]
         references = [f"{source.name}/{name}" for name in names]
     else:
@@ -100,7 +113,9 @@ def scan_images(raw_dir, split):
         if not stem.isdigit():
             skipped.append(_skip(split, "", reference, "file name is not a GalaxyID"))
         elif int(stem) in images:
-            skipped.append(_skip(split, int(stem), reference, f"duplicate image: kept {images[int(stem)]}"))
+            # two zip members may share a name; read_raw reads the first, as this keeps it
+            kept = "the first zip member of this name" if images[int(stem)] == reference else images[int(stem)]
+            skipped.append(_skip(split, int(stem), reference, f"duplicate image: kept {kept}"))
         else:
             images[int(stem)] = reference
     return images, skipped
@@ -116,59 +131,75 @@ def raw_images(raw_dir, split):
     return scan_images(raw_dir, split)[0]
 
 
-_open_zips = {}   # this process's own ZipFile handles; a forked worker must not share its parent's
+# this process's own (ZipFile, {member name: its first ZipInfo}); a forked worker must not share its parent's
+_open_zips = {}
 
 
 def read_raw(raw_dir, reference):
-    """The bytes of one raw image, given raw_dir and a reference from raw_images."""
+    """The bytes of one raw image, given raw_dir and a reference from raw_images.
+
+    A damaged zip member (bad CRC, broken compressed data) raises BadImage, like a bad image.
+    """
     archive_name, is_zip, member = reference.partition(".zip/")
     if not is_zip:
         with open(os.path.join(raw_dir, reference), "rb") as f:
             return f.read()
     archive_path = str(Path(raw_dir) / (archive_name + ".zip"))
-    if archive_path not in _open_zips:
-        _open_zips[archive_path] = zipfile.ZipFile(archive_path)
-    return _open_zips[archive_path].read(member)
+    try:
+        if archive_path not in _open_zips:
+            archive, first = zipfile.ZipFile(archive_path), {}
+            for info in archive.infolist():
+                first.setdefault(info.filename, info)
+            _open_zips[archive_path] = archive, first
+        archive, first = _open_zips[archive_path]
+        # by ZipInfo: read(name) gives the last of two members with one name, scan_images keeps the first
+        return archive.read(first[member])
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as err:
+        raise BadImage(f"damaged zip member: {err}") from None
 
 
 def read_labels(raw_dir):
     """(labels DataFrame indexed by GalaxyID with the 37 LABEL_COLUMNS, [skip records], file name).
 
-    Rows with a bad GalaxyID, a repeated GalaxyID (the first is kept), or a value that is
-    missing or outside [0, 1] are skipped. Exits with a one-line message if the file cannot be
-    read or lacks columns. Returns (None, [], None) when there is no solutions file.
+    Rows with a bad GalaxyID, a repeated GalaxyID (the first is kept), more fields than the
+    header, or a value that is missing or outside [0, 1] are skipped. Raises DataError naming
+    the file if it cannot be read or lacks columns. Returns (None, [], None) when there is no
+    solutions file.
     """
     raw = Path(raw_dir)
     csv_path, zip_path = raw / f"{SOLUTIONS}.csv", raw / f"{SOLUTIONS}.zip"
+    if csv_path.is_file():
+        file_name, path = csv_path.name, csv_path
+        data = csv_path.read_bytes()
+    elif zip_path.is_file():
+        with _open_zip(zip_path) as archive:
+            members = [n for n in archive.namelist() if n.lower().endswith(".csv") and "__MACOSX" not in n]
+            if not members:
+                raise DataError(f"{zip_path} holds no .csv; it should hold Kaggle's {SOLUTIONS}.csv")
+            file_name, path = f"{zip_path.name}/{members[0]}", f"{zip_path}/{members[0]}"
+            try:
+                data = archive.read(members[0])
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                raise DataError(f"{path} is damaged ({err}); download Kaggle's {zip_path.name} again") from None
+    else:
+        return None, [], None
     try:
-        if csv_path.is_file():
-            file_name = csv_path.name
-            table = pd.read_csv(csv_path)
-        elif zip_path.is_file():
-            with zipfile.ZipFile(zip_path) as archive:
-                members = [n for n in archive.namelist() if n.lower().endswith(".csv") and "__MACOSX" not in n]
-                if not members:
-                    sys.exit(f"error: {zip_path} holds no .csv; it should hold Kaggle's {SOLUTIONS}.csv")
-                file_name = f"{zip_path.name}/{members[0]}"
-                with archive.open(members[0]) as f:
-                    table = pd.read_csv(f)
-        else:
-            return None, [], None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, zipfile.BadZipFile) as err:
-        sys.exit(f"error: cannot read {raw / SOLUTIONS}: {err}; download Kaggle's {SOLUTIONS}.zip again")
+        table, lines, long_rows = _read_solutions(data)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot read {path} ({first_line}); download Kaggle's {SOLUTIONS}.zip again") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in ["GalaxyID"] + LABEL_COLUMNS if c not in table.columns]
     if missing:
-        sys.exit(f"error: {raw / file_name} lacks the columns {', '.join(missing)}; "
-                 f"it should be Kaggle's {SOLUTIONS}.csv (GalaxyID, Class1.1 ... Class11.6)")
+        raise DataError(f"{path} lacks the columns {', '.join(missing)}; "
+                        f"it should be Kaggle's {SOLUTIONS}.csv (GalaxyID, Class1.1 ... Class11.6)")
 
-    skipped = []
+    skipped = [_skip("train", galaxy_id, f"{file_name} line {line}", reason) for line, galaxy_id, reason in long_rows]
+    ids, bad_id = _galaxy_ids(table["GalaxyID"])
     # read_csv parsed every clean column as numbers; one holding any text comes as strings, whose
     # unparsable cells become NaN here (parsing all 37 columns as text first took 4x as long)
-    ids = pd.to_numeric(table["GalaxyID"], errors="coerce")
     values = table[LABEL_COLUMNS].apply(lambda column: column if pd.api.types.is_float_dtype(column)
                                         else pd.to_numeric(column, errors="coerce"))
-    bad_id = ids.isna() | (ids != ids.round()) | (ids < 0)
     repeated = ~bad_id & ids.duplicated(keep="first")
     not_number = values.isna().any(axis=1)
     # the published fractions sit in [0, 1] up to float noise; anything further off is broken
@@ -179,11 +210,54 @@ def read_labels(raw_dir):
     for mask, reason in reasons:
         for row in table.index[mask & keep]:
             galaxy_id = int(ids[row]) if not bad_id[row] else table.at[row, "GalaxyID"]
-            skipped.append(_skip("train", galaxy_id, f"{file_name} line {row + 2}", reason))
+            skipped.append(_skip("train", galaxy_id, f"{file_name} line {lines[row]}", reason))
         keep &= ~mask
     labels = values[keep].clip(0, 1)
-    labels.index = ids[keep].astype(np.int64).rename("GalaxyID")
+    labels.index = ids[keep].rename("GalaxyID")
     return labels, skipped, file_name
+
+
+def _read_solutions(data):
+    """(table, file line of each row, [(line, GalaxyID text, reason)] of rows with too many fields).
+
+    The C parser reads a clean file in one pass. A row with more fields than the header makes
+    it warn and skip the row, or, if it is the first row, silently cut it short; so on any
+    warning the rows are counted with the csv module, and the long ones are left out by line.
+    GalaxyID is read as text, so that a skipped ID is reported as written.
+    """
+    def parse(skip_lines=()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            table = pd.read_csv(io.BytesIO(data), index_col=False, on_bad_lines="warn",
+                                skiprows=[line - 1 for line in skip_lines], dtype={"GalaxyID": str})
+        return table, caught
+
+    table, caught = parse()
+    if not caught:
+        return table, np.arange(len(table)) + 2, []
+    rows = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline=""))
+    width = len(next(rows, []))
+    long_rows, lines = [], []
+    for fields in rows:
+        if len(fields) > width:
+            long_rows.append((rows.line_num, fields[0], f"too many fields in labels row: {len(fields)}, "
+                                                        f"the header has {width}"))
+        elif fields:
+            lines.append(rows.line_num)
+    table, _ = parse([line for line, _, _ in long_rows])
+    if len(lines) != len(table):   # csv and pandas disagree on some odd line: number rows plainly
+        lines = list(range(2, len(table) + 2))
+    return table, np.asarray(lines), long_rows
+
+
+def _galaxy_ids(column):
+    """(int64 Series of IDs, mask of the IDs that are no whole number in int64's range) for a column of text."""
+    text = column.astype(str).str.strip()
+    # a whole number of at most 18 digits fits int64; a float-formatted "100008.0" counts as whole
+    good = text.str.fullmatch(r"[0-9]{1,18}(\.0*)?").fillna(False).astype(bool)
+    ids = pd.Series(0, index=column.index, dtype=np.int64)
+    ids[good] = text[good].str.split(".", n=1).str[0].astype(np.int64)
+    return ids, ~good
 
 
 def _skip(split, galaxy_id, file, reason):
@@ -318,13 +392,19 @@ def _crop_and_save(task):
         return split, galaxy_id, "present", ""
     try:
         crop, _ = crop_galaxy(read_raw(worker_job["raw_dir"], reference), cfg)
-        png = _png_bytes(crop)
+        _write_whole(png_path, _png_bytes(crop))
     except BadImage as err:
         return split, galaxy_id, "skipped", str(err)
-    except (OSError, zipfile.BadZipFile, EOFError) as err:   # e.g. a damaged zip member
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
         return split, galaxy_id, "skipped", f"unreadable file: {err}"
-    _write_whole(png_path, png)
+    except Exception as err:   # whatever else one image does must not end a run of 140,000
+        return split, galaxy_id, "skipped", unexpected_error(err)
     return split, galaxy_id, "written", ""
+
+
+def unexpected_error(err):
+    """The skip reason for an exception no one foresaw; Ctrl-C and exits are no Exception and still stop."""
+    return f"unexpected error: {type(err).__name__}: {err}"
 
 
 def _prepare_output(processed_dir, cfg):
@@ -347,12 +427,24 @@ def _prepare_output(processed_dir, cfg):
 def preprocess(cfg, progress=True):
     """Crop every raw image of cfg.raw_dir into cfg.processed_dir; return the summary counts.
 
-    Exits with the what-goes-where message if raw_dir holds nothing usable.
+    Exits with the what-goes-where message if raw_dir holds nothing usable; raises DataError for
+    a damaged zip or labels file, an unwritable processed_dir, or another run using it.
     """
     raw_dir, processed_dir = Path(cfg.raw_dir), Path(cfg.processed_dir)
     message = raw_layout_error(raw_dir)
     if message:
         sys.exit(message)
+    for folder in [processed_dir] + [processed_dir / split for split in SPLIT_FOLDERS]:
+        writable_folder(folder, "processed_dir")
+    # two runs on one folder, say with two crop settings, would mix their PNGs under one preprocess.json
+    lock = lock_folder(processed_dir, "preprocess.py")
+    try:
+        return _preprocess_locked(cfg, raw_dir, processed_dir, progress)
+    finally:
+        lock.close()
+
+
+def _preprocess_locked(cfg, raw_dir, processed_dir, progress):
     images = {}
     skipped = []
     for split in SPLIT_FOLDERS:
@@ -410,6 +502,8 @@ def main():
             from demo import make_demo   # here, not at the top: demo.py imports this module
             make_demo(cfg.raw_dir, cfg.demo_train, cfg.demo_test, cfg.seed, cfg.workers)
         preprocess(cfg)
+    except DataError as err:
+        sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print("\ninterrupted: the PNGs already written are kept; run the same command again to finish",
               file=sys.stderr)

@@ -36,7 +36,7 @@ import preprocess
 from config import answer_help, build_config, config_from_dict, parse_overrides
 from crop import CROP_KEYS
 from dataset import (DataError, atomic_write, augment, load_training_set, lock_folder, remove_dead_temp_files,
-                     rows_of, split_for_run)
+                     rows_of, split_for_run, writable_folder)
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
 
@@ -462,7 +462,8 @@ def report_test(cfg, galaxy_ids, images, vote_fractions, split, mean_prediction,
 def claim_out_dir(out_dir):
     """Lock out_dir for this run (one-line error if another run holds it or it cannot be written)
     and delete the temporary files killed runs left there. Returns the lock, to be kept open."""
-    lock = lock_folder(out_dir)
+    writable_folder(out_dir, "out_dir")
+    lock = lock_folder(out_dir, "train.py")
     for name in remove_dead_temp_files(out_dir):
         print(f"removed {os.path.join(out_dir, name)}, left by a killed run")
     return lock

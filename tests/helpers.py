@@ -1,5 +1,5 @@
-"""Helpers shared by the test files: running a script or train.py, a random-weight checkpoint, the
-demo config, comparing checkpoints' weights, synthetic images."""
+"""Helpers shared by the test files: running a script or train.py (also without root's powers), a
+random-weight checkpoint, the demo config, comparing checkpoints' weights, synthetic images."""
 import io
 import json
 import os
@@ -42,9 +42,19 @@ def without_root_override():
     root in CI), so a read-only folder is read-only to it; skips the test where that is impossible."""
     if os.geteuid() != 0:
         return []
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
     if shutil.which("setpriv") is None:
         pytest.skip("running as root and setpriv (util-linux) is missing: a read-only folder cannot be tested")
-    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    probe = subprocess.run(prefix + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"setpriv cannot drop root's capabilities here: {probe.stderr.strip()}")
+    return prefix
+
+
+def without_root_powers(*command):
+    """Run command without root's right to write anywhere: it then meets file permissions, as a user does."""
+    return subprocess.run(without_root_override() + list(command), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def weights(path):
@@ -59,6 +69,16 @@ def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+def main_error(monkeypatch, main, script, *args):
+    """A script's main() run in this process (no second torch import): the one-line message it exits with."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
 
 
 def save_checkpoint(path, cfg, galaxy_ids=None, seed=0, train_mean=None):

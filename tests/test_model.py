@@ -113,3 +113,26 @@ def test_predict_in_bf16_channels_last_is_close_to_fp32():
     fp32 = predict(model, images, batch_size=4)
     bf16 = predict(model, images, batch_size=4, amp=True, channels_last=True, tta=True)
     assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"output": "bogus"}, "output must be sigmoid or tree"),
+    ({"image_size": "64"}, "image_size is '64' (str), not a int"),
+    ({"dropout": True}, "dropout is True (bool), not a float"),
+])
+def test_checkpoint_with_an_unusable_config_names_the_checkpoint(tmp_path, change, fragment):
+    cfg = Config(image_size=32)
+    torch.save({"model": GalaxyCNN(image_size=32).state_dict(), "config": {**cfg.to_dict(), **change}},
+               tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path / "odd.pt")
+    message = str(error.value)
+    assert f"checkpoint {tmp_path / 'odd.pt'} holds an unusable config" in message and fragment in message
+    assert "\n" not in message
+
+
+def test_checkpoint_config_accepts_ints_for_floats_and_old_boolean_switches(tmp_path):
+    saved = {**Config(image_size=32).to_dict(), "lr": 1, "amp": True, "channels_last": False, "gone_key": 3}
+    torch.save({"model": GalaxyCNN(image_size=32).state_dict(), "config": saved}, tmp_path / "old.pt")
+    _, cfg = load_model(tmp_path / "old.pt")
+    assert cfg.lr == 1 and cfg.amp == "true" and cfg.channels_last == "false"

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 import plot_image
 from dataset import LABEL_COLUMNS, png_ids, read_labels
 from plot_image import closest_ids, find_galaxy, galaxy_images, plot_galaxy, true_vote_fractions
-from helpers import demo_config, one_line_error, run_script, save_checkpoint
+from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
 
 
 def run_plot(*args):
@@ -96,3 +97,34 @@ def test_title_has_the_rmse_and_questions_have_paired_bars(demo):
     assert len(question_axes) == 11
     assert sum(len(ax.patches) for ax in question_axes) == 2 * len(LABEL_COLUMNS)  # true + predicted
     plt.close(fig)
+
+
+# --- bad input (issue #12) ---------------------------------------------------------------------
+
+def main_error(monkeypatch, *args):
+    return helpers.main_error(monkeypatch, plot_image.main, "plot_image.py", *args)
+
+
+def test_id_beyond_int64_is_a_one_line_error(monkeypatch):
+    assert "a number like 100008, not '99999999999999999999999'" in main_error(monkeypatch, "99999999999999999999999")
+
+
+def test_damaged_zip_or_an_out_dir_that_is_a_file_is_a_one_line_error(demo, tmp_path, monkeypatch):
+    archive = tmp_path / "raw" / "images_training_rev1.zip"
+    archive.parent.mkdir()
+    archive.write_bytes((demo["raw_dir"] / archive.name).read_bytes()[-3000:])
+    message = main_error(monkeypatch, str(demo["train_id"]), f"--raw_dir={archive.parent}", f"--out_dir={tmp_path}")
+    assert f"{archive} is damaged" in message and "download" in message
+    (tmp_path / "a_file").write_text("")
+    message = main_error(monkeypatch, str(demo["train_id"]), *demo["data_args"], f"--out_dir={tmp_path / 'a_file'}")
+    assert "is a file, not a folder; pass another --out_dir" in message
+
+
+def test_read_only_out_dir_is_a_one_line_error(demo, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        result = without_root_powers(sys.executable, str(REPO / "plot_image.py"), str(demo["train_id"]),
+                                     *demo["data_args"], f"--out_dir={tmp_path}")
+    finally:
+        tmp_path.chmod(0o755)
+    assert f"cannot write into out_dir {tmp_path} (Permission denied)" in one_line_error(result)

@@ -1,6 +1,8 @@
 """predict.py on the small synthetic set: the submission file, raw vs processed input, skipped
 images, test-time augmentation, and the per-question evaluation."""
 import math
+import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -10,9 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+import helpers
+import predict as predict_module
+import preprocess
 from config import Config
-from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
-from helpers import demo_config, one_line_error, run_script, save_checkpoint
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, lock_folder, png_ids, read_labels
+from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
 from model import build_model, predict
 from predict import (evaluation_table, fallback_prediction, fill_skipped, kaggle_test_images, load_processed, load_raw,
                      question_rmse)
@@ -121,13 +126,7 @@ def test_fill_skipped_adds_one_row_per_skipped_galaxy_id():
 
 
 def main_error(monkeypatch, *args):
-    """predict.main() in this process (no second torch import): the message it exits with."""
-    monkeypatch.setattr(sys, "argv", ["predict.py", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        predict_main()
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+    return helpers.main_error(monkeypatch, predict_main, "predict.py", *args)
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
@@ -222,3 +221,76 @@ def test_pngs_cropped_otherwise_fall_back_to_the_raw_jpegs(demo):
     tasks, worker, source = kaggle_test_images(cfg, center_model)
     assert worker is load_raw and "crop roi there, center in the checkpoint" in source
     assert [gid for gid, _ in tasks] == png_ids(demo["processed_dir"] / "test").tolist()
+
+
+# --- bad input (issue #12) ---------------------------------------------------------------------
+
+def test_damaged_test_zip_is_a_one_line_error(demo, tmp_path, monkeypatch):
+    archive = tmp_path / "raw" / "images_test_rev1.zip"
+    archive.parent.mkdir()
+    archive.write_bytes((demo["raw_dir"] / archive.name).read_bytes()[:5000])
+    message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--raw_dir={archive.parent}",
+                         f"--processed_dir={demo['missing']}", f"--out_dir={tmp_path / 'out'}")
+    assert f"{archive} is damaged" in message and "download Kaggle's images_test_rev1.zip again" in message
+
+
+def test_wrong_or_busy_out_dir_is_a_one_line_error_before_any_work(demo, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--out_dir={tmp_path / 'a_file'}")
+    assert "is a file, not a folder; pass another --out_dir" in message
+    held = lock_folder(tmp_path, "predict.py")   # as another predict.py writing there would
+    try:
+        message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--out_dir={tmp_path}")
+        assert f"{tmp_path} is in use by another predict.py (PID {os.getpid()})" in message
+    finally:
+        held.close()
+
+
+def test_read_only_out_dir_is_a_one_line_error(demo, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        result = without_root_powers(sys.executable, str(REPO / "predict.py"), f"--checkpoint={demo['checkpoint']}",
+                                     f"--processed_dir={demo['processed_dir']}", f"--out_dir={tmp_path}")
+    finally:
+        tmp_path.chmod(0o755)
+    assert f"cannot write into out_dir {tmp_path} (Permission denied)" in one_line_error(result)
+
+
+def test_an_unforeseen_error_skips_one_image(demo, monkeypatch):
+    reference = sorted(preprocess.raw_images(demo["raw_dir"], "test").items())[0]
+    monkeypatch.setattr(preprocess, "worker_job", {"cfg": demo["cfg"], "raw_dir": str(demo["raw_dir"])})
+    monkeypatch.setattr(predict_module, "crop_galaxy", lambda data, cfg: 1 / 0)
+    assert load_raw(reference) == (reference[0], None, "unexpected error: ZeroDivisionError: division by zero")
+    monkeypatch.setattr(predict_module, "read_png", lambda path, size: {}["no such key"])
+    assert load_processed((5, "5.png"))[2] == "unexpected error: KeyError: 'no such key'"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(predict_module, "crop_galaxy", interrupted)
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C still stops the run
+        load_raw(reference)
+
+
+def test_truncated_png_of_the_split_is_a_one_line_error(demo, tmp_path, monkeypatch):
+    processed = tmp_path / "processed"
+    shutil.copytree(demo["processed_dir"], processed, ignore=shutil.ignore_patterns("*_images.pt"))
+    test_id = pd.read_csv(demo["checkpoint"].parent / "split.csv").query("split == 'test'").GalaxyID.iloc[0]
+    png = processed / "train" / f"{test_id}.png"
+    png.write_bytes(png.read_bytes()[:300])
+    message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--processed_dir={processed}",
+                         "--split=test", f"--out_dir={tmp_path / 'out'}", *FAST)
+    assert f"{png} is unreadable" in message and "re-run `python preprocess.py" in message
+
+
+def test_truncated_test_png_is_skipped_and_reported(demo, tmp_path, monkeypatch, capsys):
+    processed = tmp_path / "processed"
+    shutil.copytree(demo["processed_dir"], processed)
+    png = sorted((processed / "test").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:300])
+    monkeypatch.setattr(sys, "argv", ["predict.py", f"--checkpoint={demo['checkpoint']}", f"--processed_dir={processed}",
+                                      f"--raw_dir={demo['missing']}", f"--out_dir={tmp_path}", "--amp=false",
+                                      "--channels_last=false", *FAST])
+    predict_main()
+    assert f"skipped 1 unreadable test images (1 of them get the training mean in the submission): {png.stem}" \
+        in capsys.readouterr().out
+    assert "corrupt or truncated PNG" in pd.read_csv(tmp_path / "submission_skipped.csv").reason[0]

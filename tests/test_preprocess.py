@@ -17,7 +17,7 @@ from PIL import Image
 import preprocess
 from config import build_config
 from conftest import REPO, SHARED_SAMPLE, needs_real_sample
-from dataset import LABEL_COLUMNS
+from dataset import LABEL_COLUMNS, DataError
 from helpers import jpeg_bytes, sky_with_galaxies
 
 
@@ -205,7 +205,7 @@ def test_labels_with_missing_columns_exit_with_the_file_and_columns(demo_raw, tm
     extract(demo_raw / "training_solutions_rev1.zip", raw)
     csv = raw / "training_solutions_rev1.csv"
     pd.read_csv(csv).drop(columns=["Class7.2", "Class11.6"]).to_csv(csv, index=False)
-    with pytest.raises(SystemExit, match=r"training_solutions_rev1.csv lacks the columns Class7.2, Class11.6"):
+    with pytest.raises(DataError, match=r"training_solutions_rev1.csv lacks the columns Class7.2, Class11.6"):
         run({"raw_dir": str(raw), "processed_dir": str(tmp_path / "out")})
 
 

@@ -140,11 +140,11 @@ def test_missing_or_unmatched_data_are_one_line_errors(tmp_path):
 
 def test_unwritable_out_dir_is_a_one_line_error_before_any_work(data_args, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    assert "cannot write in" in one_line_error(run_train(*data_args, f"--out_dir={tmp_path / 'file'}", check=False))
+    assert "is a file, not a folder" in one_line_error(run_train(*data_args, f"--out_dir={tmp_path / 'file'}", check=False))
     (tmp_path / "ro").mkdir(mode=0o555)
     command = [*without_root_override(), sys.executable, str(REPO / "train.py"), *data_args, f"--out_dir={tmp_path / 'ro'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert "cannot write in" in one_line_error(result) and "Permission denied" in result.stderr
+    assert "cannot write into out_dir" in one_line_error(result) and "Permission denied" in result.stderr
 
 
 def test_read_only_data_folder_still_trains(demo_processed, tmp_path):

@@ -137,7 +137,7 @@ def test_second_run_into_a_locked_out_dir_fails_fast_until_the_holder_dies(data_
         wait_for(lambda: "train.py" in ((tmp_path / ".lock").read_text() if (tmp_path / ".lock").exists() else ""),
                  holder)
         second = run_train(*data_args, f"--out_dir={tmp_path}", check=False)
-        assert f"is in use by pid {holder.pid} (train.py)" in one_line_error(second)
+        assert f"is in use by another train.py (PID {holder.pid})" in one_line_error(second)
     finally:
         holder.kill()
         holder.wait()

@@ -1,0 +1,206 @@
+"""preprocess.py against damaged or hostile input (issue #12): damaged zips, same-named zip
+members, odd label rows, unwritable output folders, two runs at once, unforeseen errors."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import preprocess
+from config import build_config
+from conftest import REPO
+from dataset import DataError
+from helpers import one_line_error, run_script, without_root_powers
+
+
+def run(cfg_overrides):
+    cfg = build_config({"workers": 2, **cfg_overrides})
+    return cfg, preprocess.preprocess(cfg, progress=False)
+
+
+def demo_members(demo_raw, count):
+    """{name: bytes} of the first count training JPEGs of the demo zip."""
+    with zipfile.ZipFile(demo_raw / "images_training_rev1.zip") as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))[:count]
+        return {name: archive.read(name) for name in names}
+
+
+def raw_with_zip(demo_raw, tmp_path, members):
+    """A raw_dir with the demo labels and an images_training_rev1.zip of members [(name, bytes, compression)]."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(demo_raw / "training_solutions_rev1.zip", raw)
+    with zipfile.ZipFile(raw / "images_training_rev1.zip", "w") as archive:
+        for name, data, compression in members:
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return raw
+
+
+def damage_member(zip_path, name):
+    """Flip bytes in the middle of one member's stored data, leaving the zip's directory intact."""
+    with zipfile.ZipFile(zip_path) as archive:
+        info = archive.getinfo(name)
+    data = bytearray(zip_path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    middle = start + info.compress_size // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    zip_path.write_bytes(bytes(data))
+
+
+def test_truncated_image_zip_is_a_one_line_error(demo_raw, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(demo_raw, raw)
+    archive = raw / "images_test_rev1.zip"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"images_test_rev1.zip is damaged .*download Kaggle's images_test_rev1.zip"):
+        preprocess.raw_images(raw, "test")   # what predict.py and plot_image.py scan too
+    message = one_line_error(run_script("preprocess.py", f"--raw_dir={raw}", f"--processed_dir={tmp_path / 'out'}"))
+    assert f"{archive} is damaged" in message and "download" in message
+
+
+def test_damaged_zip_members_are_skipped_one_by_one(demo_raw, tmp_path):
+    jpegs = demo_members(demo_raw, 3)
+    names = sorted(jpegs)
+    raw = raw_with_zip(demo_raw, tmp_path, [(names[0], jpegs[names[0]], zipfile.ZIP_DEFLATED),   # bad stream
+                                            (names[1], jpegs[names[1]], zipfile.ZIP_STORED),     # bad CRC
+                                            (names[2], jpegs[names[2]], zipfile.ZIP_DEFLATED)])
+    for name in names[:2]:
+        damage_member(raw / "images_training_rev1.zip", name)
+    _, summary = run({"raw_dir": str(raw), "processed_dir": str(tmp_path / "out")})
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    damaged = skipped[skipped.reason.str.startswith("damaged zip member")]
+    assert sorted(damaged.galaxy_id) == sorted(int(Path(n).stem) for n in names[:2])
+    assert summary["train"] == 1 and (tmp_path / "out" / "train" / f"{Path(names[2]).stem}.png").is_file()
+
+
+def test_same_named_zip_members_keep_and_read_the_first(demo_raw, tmp_path):
+    jpegs = demo_members(demo_raw, 2)
+    first, second = sorted(jpegs)
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        raw = raw_with_zip(demo_raw, tmp_path, [(first, jpegs[first], zipfile.ZIP_STORED),
+                                                (first, jpegs[second], zipfile.ZIP_STORED)])
+    images, skipped = preprocess.scan_images(raw, "train")
+    assert [record["reason"] for record in skipped] == ["duplicate image: kept the first zip member of this name"]
+    assert preprocess.read_raw(raw, images[int(Path(first).stem)]) == jpegs[first]   # what it said it kept
+
+
+def test_label_rows_with_too_many_fields_or_huge_ids_are_skipped_by_line(demo_raw, tmp_path):
+    raw = tmp_path / "raw"
+    with zipfile.ZipFile(demo_raw / "training_solutions_rev1.zip") as archive:
+        archive.extractall(raw)
+    csv = raw / "training_solutions_rev1.csv"
+    lines = csv.read_text().splitlines()
+    huge = "99999999999999999999999"
+    lines[1] += ",0.5"                                  # the first row: pandas would cut it short
+    lines[4] += ",0.5,0.5"
+    lines[6] = huge + lines[6][lines[6].index(","):]
+    lines[8] = lines[8].replace(",", ",x", 1)           # a value that is no number, after the skipped rows
+    csv.write_text("\n".join(lines) + "\n")
+    labels, skipped, _ = preprocess.read_labels(raw)
+    by_line = {record["file"]: (str(record["galaxy_id"]), record["reason"].split(":")[0]) for record in skipped}
+    assert by_line == {"training_solutions_rev1.csv line 2": (lines[1].split(",")[0], "too many fields in labels row"),
+                       "training_solutions_rev1.csv line 5": (lines[4].split(",")[0], "too many fields in labels row"),
+                       "training_solutions_rev1.csv line 7": (huge, "bad GalaxyID in labels"),
+                       "training_solutions_rev1.csv line 9": (lines[8].split(",")[0],
+                                                              "label value missing or not a number")}
+    assert len(labels) == len(lines) - 1 - 4 and labels.index.min() > 0
+
+    csv.write_text("\n".join(lines[:3]) + '\n1,"unterminated\n')
+    with pytest.raises(DataError, match=r"cannot read .*training_solutions_rev1\.csv \(") as error:
+        preprocess.read_labels(raw)
+    assert "\n" not in str(error.value)
+
+
+def test_output_that_is_a_file_is_a_one_line_error_before_any_work(demo_raw, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"processed_dir .*a_file is a file, not a folder; pass another"):
+        run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "a_file")})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train").write_text("")
+    with pytest.raises(DataError, match=r"out/train is a file, not a folder"):
+        run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "out")})
+    assert not (tmp_path / "out" / "test").exists()   # nothing done before the check
+    with pytest.raises(DataError, match=r"cannot write into processed_dir .*a_file/inside \(Not a directory\)"):
+        run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "a_file" / "inside")})
+
+
+@pytest.mark.parametrize("read_only", ["processed_dir", "processed_dir/train"])
+def test_read_only_output_is_a_one_line_error(demo_raw, tmp_path, read_only):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    folder = out if read_only == "processed_dir" else out / "train"
+    folder.chmod(0o555)
+    try:
+        result = without_root_powers(sys.executable, str(REPO / "preprocess.py"), f"--raw_dir={demo_raw}",
+                                     f"--processed_dir={out}", "--workers=1")
+    finally:
+        folder.chmod(0o755)
+    message = one_line_error(result)
+    assert f"cannot write into processed_dir {folder} (Permission denied)" in message
+
+
+def slowed_run(raw, out):
+    """preprocess.py in a new session, 0.1 s per image (the workers are forked, so they share the delay)."""
+    code = ("import sys, time, preprocess\n"
+            "crop = preprocess.crop_galaxy\n"
+            "preprocess.crop_galaxy = lambda *args: (time.sleep(0.1), crop(*args))[1]\n"
+            "sys.argv[0] = 'preprocess.py'\n"
+            "preprocess.main()\n")
+    return subprocess.Popen([sys.executable, "-c", code, f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_second_run_on_one_folder_fails_fast_and_a_dead_runs_lock_is_taken_over(demo_raw, tmp_path):
+    out = tmp_path / "out"
+    first = slowed_run(demo_raw, out)
+    try:
+        while len(list((out / "train").glob("*.png"))) < 3:   # under way, holding the lock
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        started = time.perf_counter()
+        second = run_script("preprocess.py", f"--raw_dir={demo_raw}", f"--processed_dir={out}", "--crop=center")
+        assert f"in use by another preprocess.py (PID {first.pid})" in one_line_error(second)
+        assert time.perf_counter() - started < 30 and first.poll() is None
+        os.kill(first.pid, signal.SIGKILL)   # its lock file stays, with its PID; the kernel drops the lock
+        first.wait(timeout=30)
+        third = run_script("preprocess.py", f"--raw_dir={demo_raw}", f"--processed_dir={out}", "--workers=1")
+        assert third.returncode == 0, third.stderr
+        assert len(list((out / "train").glob("*.png"))) == 96 and len(list((out / "test").glob("*.png"))) == 16
+        assert (out / ".lock").read_text().strip() != str(first.pid)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)   # the first run's session: its orphaned workers too
+        except ProcessLookupError:
+            pass
+
+
+def test_an_unforeseen_error_skips_one_image_not_the_run(demo_raw, tmp_path, monkeypatch):
+    references = preprocess.raw_images(demo_raw, "test")
+    victim = min(references)
+    victim_bytes, crop = preprocess.read_raw(demo_raw, references[victim]), preprocess.crop_galaxy
+
+    def crop_or_fail(data, cfg):   # the workers are forked, so they see this too
+        if data == victim_bytes:
+            raise RuntimeError("something no one foresaw")
+        return crop(data, cfg)
+
+    monkeypatch.setattr(preprocess, "crop_galaxy", crop_or_fail)
+    _, summary = run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "out")})
+    assert summary["test"] == 15 and summary["skipped"] == {"unexpected error": 1}
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert skipped.reason.tolist() == ["unexpected error: RuntimeError: something no one foresaw"]
+
+    def interrupted(data, cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(preprocess, "crop_galaxy", interrupted)
+    monkeypatch.setattr(preprocess, "worker_job", {"cfg": build_config({}), "raw_dir": str(demo_raw),
+                                                   "processed_dir": str(tmp_path / "out")})
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C still stops the run
+        preprocess._crop_and_save(("test", victim, references[victim], False))
