@@ -323,6 +323,8 @@ def _crop_and_save(task):
         return split, galaxy_id, "skipped", str(err)
     except (OSError, zipfile.BadZipFile, EOFError) as err:   # e.g. a damaged zip member
         return split, galaxy_id, "skipped", f"unreadable file: {err}"
+    except Exception as err:   # whatever else one image raises, it must not end the run
+        return split, galaxy_id, "skipped", f"unreadable file: {type(err).__name__}: {err}"
     _write_whole(png_path, png)
     return split, galaxy_id, "written", ""
 
