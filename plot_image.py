@@ -4,13 +4,19 @@ vote fractions of the 11 decision-tree questions (true, predicted, or both side 
     python plot_image.py 100008                              # -> runs/galaxy_100008.png
     python plot_image.py 100008 --checkpoint=runs/best.pt    # true vs predicted, RMSE in the title
     python plot_image.py 100018 --checkpoint=runs/best.pt --show   # a test galaxy, in a window too
+    python plot_image.py 100008 --checkpoint=runs/ens --tta  # an ensemble: its spread as error bars
+    python plot_image.py my/galaxy.jpg --checkpoint=runs/best.pt   # any image file -> runs/galaxy_galaxy.png
+    python plot_image.py 100008 --similar=8 --embeddings=runs      # plus the 8 most similar galaxies
 
-The galaxy is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or test.
+An ID (all digits) is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or
+test; an existing file, or a name with an image extension, is plotted as it is (it has no true votes).
+--checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list.
 """
 import io
 import os
 import sys
 import zipfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,14 +26,16 @@ from PIL import Image
 
 import preprocess
 from config import get_config
-from crop import CROP_KEYS, BadImage, crop_galaxy
+from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
-from model import CheckpointError, choose_numerics, load_model, predict, resolve_device, rmse
+from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
+from model import CheckpointError, resolve_device, rmse
 
-SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
+SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
 # the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("checkpoint", "show", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
+CONFIG_KEYS = ("checkpoint", "show", "similar", "embeddings", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
                *CROP_KEYS,   # how the raw image is cropped when no checkpoint says
                "tta", "device", "amp", "channels_last")
 
@@ -75,21 +83,21 @@ def true_vote_fractions(cfg, galaxy_id):
 def galaxy_images(cfg, galaxy, model_cfg=None):
     """{"raw": RGB array or None, "roi_box": box or None, "crop": uint8 HWC, "crop_note": its source}.
 
-    The crop is made from the raw JPEG as preprocess.py makes the training PNGs, with the
-    checkpoint's settings when there is one (model_cfg); without a raw image it is the PNG.
+    The crop is made from the raw image (a Kaggle JPEG, or the file given) as preprocess.py makes
+    the training PNGs, with the checkpoint's settings when there is one (model_cfg); without a raw
+    image it is the PNG.
     """
     crop_cfg = model_cfg or cfg
-    if galaxy["raw_reference"]:
+    if galaxy["raw_reference"] or galaxy.get("file"):
+        source = galaxy.get("file") or galaxy["raw_reference"]
         try:
-            data = preprocess.read_raw(cfg.raw_dir, galaxy["raw_reference"])
+            data = preprocess.read_raw(cfg.raw_dir, source) if galaxy["raw_reference"] else Path(source).read_bytes()
             crop, roi_box = crop_galaxy(data, crop_cfg)
-            with Image.open(io.BytesIO(data)) as image:
-                raw = np.asarray(image.convert("RGB"))
-            return {"raw": raw, "roi_box": roi_box, "crop": np.asarray(crop),
+            return {"raw": np.asarray(read_image(data)), "roi_box": roi_box, "crop": np.asarray(crop),
                     "crop_note": f"crop={crop_cfg.crop} of the raw image"}
         except (BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
             if not galaxy["png_path"]:
-                raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
+                raise DataError(f"the image {source} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it
     mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
     if mismatch:
@@ -106,18 +114,35 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     return {"raw": None, "roi_box": None, "crop": crop, "crop_note": "processed PNG"}
 
 
+def ensemble_prediction(cfg, galaxy, members, groups):
+    """(mean, std) of the members' vote fractions, each member on its own crop; std is None
+    when there is one member without TTA. The galaxy's shown images are the first member's."""
+    group_images = []
+    for group in groups:
+        images = galaxy_images(cfg, galaxy, group)
+        if not group_images:
+            galaxy.update(images)
+        group_images.append(torch.from_numpy(np.array(images["crop"])).permute(2, 0, 1).unsqueeze(0))
+    numerics = inference_numerics(members, cfg.amp, cfg.channels_last, 1, log=lambda _: None)
+    mean, std, _, _ = predict_batch(members, group_images, numerics, cfg.tta)
+    spread = len(members) > 1 or cfg.tta
+    return mean[0].numpy(), std[0].numpy() if spread else None
+
+
 # --- the figure --------------------------------------------------------------------------------
 
-def plot_question(ax, question, true_values, predicted_values):
-    """Horizontal bars, one per answer; paired true/predicted bars when both are known."""
-    series = [(name, values, color) for name, values, color in
-              (("true", true_values, TRUE_COLOR), ("predicted", predicted_values, PREDICTED_COLOR))
+def plot_question(ax, question, true_values, predicted_values, predicted_std=None):
+    """Horizontal bars, one per answer; paired true/predicted bars when both are known; the
+    ensemble's spread (one standard deviation) as error bars on the predicted ones."""
+    series = [(name, values, color, errors) for name, values, color, errors in
+              (("true", true_values, TRUE_COLOR, None), ("predicted", predicted_values, PREDICTED_COLOR, predicted_std))
               if values is not None]
     positions = np.arange(len(question.answers))[::-1]  # the first answer on top
     height = 0.8 / len(series)
-    for i, (name, values, color) in enumerate(series):
+    for i, (name, values, color, errors) in enumerate(series):
         offset = (len(series) - 1) / 2 * height - i * height  # true above predicted
-        ax.barh(positions + offset, values, height=height, color=color, label=name)
+        ax.barh(positions + offset, values, height=height, color=color, label=name,
+                xerr=errors, error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "black"})
         for y, value in zip(positions + offset, values):
             ax.text(value + 0.01, y, f"{value:.2f}", va="center", fontsize=7)
     ax.set_yticks(positions, question.answers, fontsize=8)
@@ -127,7 +152,7 @@ def plot_question(ax, question, true_values, predicted_values):
     ax.set_title(f"Q{question.number}  {question.text}", fontsize=9, loc="left")
 
 
-def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
+def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None):
     """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images)."""
     raw, crop = galaxy["raw"], galaxy["crop"]
     has_values = true_values is not None or predicted_values is not None
@@ -153,6 +178,7 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
         ax = right.subplots()
         ax.axis("off")
         why = ("Kaggle never released the vote fractions\nof its test galaxies." if galaxy["split"] == "test"
+               else "An image file has no published vote fractions." if galaxy["split"] == "file"
                else f"No vote fractions for this galaxy in\n{cfg.processed_dir}/labels.csv or {cfg.raw_dir}/.")
         ax.text(0.5, 0.5, f"{why}\n\nPass --checkpoint=runs/best.pt\nto see the model's prediction.",
                 ha="center", va="center", fontsize=14)
@@ -162,13 +188,16 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
             columns = [LABEL_COLUMNS.index(column) for column in question.columns]
             plot_question(ax, question,
                           None if true_values is None else true_values[columns],
-                          None if predicted_values is None else predicted_values[columns])
+                          None if predicted_values is None else predicted_values[columns],
+                          None if predicted_std is None else predicted_std[columns])
         legend_ax = axes[-1]  # 11 questions leave the 12th panel for the key
         legend_ax.axis("off")
         legend_ax.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=11,
                          title="vote fraction")
 
     title = f"Galaxy {galaxy_id} ({SPLIT_NAMES[galaxy['split']]})"
+    if predicted_std is not None:
+        title += " [error bars: spread over members x views]"
     if true_values is not None and predicted_values is not None:
         error = rmse(torch.from_numpy(predicted_values), torch.from_numpy(true_values))
         title += f": RMSE {error:.4f} over the 37 vote fractions"
@@ -178,33 +207,48 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
     return fig
 
 
+def parse_galaxy(text):
+    """("file", path) or ("id", GalaxyID) for the positional argument; DataError if it is neither.
+
+    An existing file, or a name with an image extension, is a file; all digits is an ID.
+    """
+    if os.path.isfile(text) or text.lower().endswith(IMAGE_EXTENSIONS):
+        if not os.path.isfile(text):
+            raise DataError(f"image file {text} not found")
+        return "file", text
+    if text.isdigit():
+        return "id", int(text)
+    raise DataError(f"{text!r} is neither a galaxy ID (a number like 100008) nor an image file")
+
+
 def main():
-    cfg, args = get_config(positional=("galaxy_id",), doc=__doc__, keys=CONFIG_KEYS)
-    if not args["galaxy_id"].isdigit():
-        sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
-    galaxy_id = int(args["galaxy_id"])
+    cfg, args = get_config(positional=("galaxy",), doc=__doc__, keys=CONFIG_KEYS)
     if not cfg.show:
         plt.switch_backend("Agg")  # files only, no display needed
     try:
-        galaxy = find_galaxy(cfg, galaxy_id)
-        model, model_cfg = None, None
+        kind, galaxy_id = parse_galaxy(args["galaxy"])
+        if kind == "file":
+            galaxy = {"split": "file", "raw_reference": None, "png_path": None, "file": galaxy_id}
+            galaxy_id = os.path.basename(galaxy_id)
+        else:
+            galaxy = find_galaxy(cfg, galaxy_id)
+        members, groups = [], []
         if cfg.checkpoint:
-            model, model_cfg = load_model(cfg.checkpoint, resolve_device(cfg.device))
-        galaxy.update(galaxy_images(cfg, galaxy, model_cfg))
+            members, groups = load_members(resolve_checkpoints(cfg.checkpoint, cfg.out_dir),
+                                           resolve_device(cfg.device))
         true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
-        predicted_values = None
-        if model is not None:
-            images = torch.from_numpy(np.array(galaxy["crop"])).permute(2, 0, 1).unsqueeze(0)
-            device = next(model.parameters()).device
-            numerics = choose_numerics(cfg.amp, cfg.channels_last, model, device, 1, model_cfg.image_size,
-                                       training=False, log=lambda _: None)
-            predicted_values = predict(model, images, 1, *numerics, cfg.tta)[0].numpy()
+        predicted_values, predicted_std = None, None
+        if members:
+            predicted_values, predicted_std = ensemble_prediction(cfg, galaxy, members, groups)
+        else:
+            galaxy.update(galaxy_images(cfg, galaxy))
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
-    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg)
+    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    path = os.path.join(cfg.out_dir, f"galaxy_{galaxy_id}.png")
+    stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
+    path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {path}")
     if cfg.show:

@@ -14,8 +14,9 @@ from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
 from helpers import demo_config, one_line_error, run_script, save_checkpoint
 from model import build_model, predict
-from predict import (evaluation_table, fallback_prediction, fill_skipped, kaggle_test_images, load_processed, load_raw,
-                     question_rmse)
+from ensemble import crop_sources, galaxy_tasks
+from evaluate import evaluation_table, question_rmse
+from predict import fallback_prediction, fill_skipped
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16"]
@@ -216,9 +217,10 @@ def test_evaluating_the_test_split_writes_table_and_chart(demo, tmp_path):
 
 def test_pngs_cropped_otherwise_fall_back_to_the_raw_jpegs(demo):
     cfg = Config(raw_dir=str(demo["raw_dir"]), processed_dir=str(demo["processed_dir"]))
-    tasks, worker, source = kaggle_test_images(cfg, demo["cfg"])
-    assert worker is load_processed and "processed PNGs" in source
+    tasks, pngs, raw = galaxy_tasks(cfg, "test")
     center_model = Config(**{**demo["cfg"].to_dict(), "crop": "center"})
-    tasks, worker, source = kaggle_test_images(cfg, center_model)
-    assert worker is load_raw and "crop roi there, center in the checkpoint" in source
+    use_png, sources = crop_sources(cfg, [demo["cfg"], center_model], pngs, raw, "test")
+    assert use_png == [True, False] and "processed PNGs" in sources[0]
+    assert "raw JPEGs" in sources[1] and "crop roi there, center in the checkpoint" in sources[1]
     assert [gid for gid, _ in tasks] == png_ids(demo["processed_dir"] / "test").tolist()
+    assert all(where["png"] and where["raw"] for _, where in tasks)
