@@ -13,6 +13,7 @@ from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, read_labe
 from ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
                       spread_calibration)
 from model import rmse
+from similar import write_embeddings
 
 
 # --- the metric per question ---------------------------------------------------------------
@@ -123,7 +124,7 @@ def evaluate_split(cfg, members, groups):
 
     tasks, pngs, raw = galaxy_tasks(cfg, "train", galaxy_ids.tolist())
     use_png, _ = crop_sources(cfg, groups, pngs, raw, "train")
-    result = predict_ensemble(members, groups, tasks, cfg, use_png, description=f"predict {cfg.split}")
+    result = predict_ensemble(members, groups, tasks, cfg, use_png, embed=cfg.embed, description=f"predict {cfg.split}")
     if result.skipped:
         name, reason = result.skipped[0]
         raise DataError(f"{len(result.skipped)} galaxies of the {cfg.split} split cannot be read (e.g. {name}: "
@@ -150,3 +151,5 @@ def evaluate_split(cfg, members, groups):
         report_members(cfg, members, result.members, predictions, targets)
     if result.views > 1:
         report_spread(cfg, result.std, predictions, targets, result.views)
+    if cfg.embed:
+        write_embeddings(cfg.out_dir, result.names, [cfg.split] * len(result.names), result.features)

@@ -30,6 +30,7 @@ from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels
 from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
 from model import CheckpointError, resolve_device, rmse
+from similar import nearest, read_embeddings
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -115,8 +116,9 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
 
 
 def ensemble_prediction(cfg, galaxy, members, groups):
-    """(mean, std) of the members' vote fractions, each member on its own crop; std is None
-    when there is one member without TTA. The galaxy's shown images are the first member's."""
+    """(mean, std, features) of the members' vote fractions, each member on its own crop; std is
+    None when there is one member without TTA; the features (for --similar) are the first member's,
+    as predict.py --embed writes them. The galaxy's shown images are the first member's."""
     group_images = []
     for group in groups:
         images = galaxy_images(cfg, galaxy, group)
@@ -124,9 +126,67 @@ def ensemble_prediction(cfg, galaxy, members, groups):
             galaxy.update(images)
         group_images.append(torch.from_numpy(np.array(images["crop"])).permute(2, 0, 1).unsqueeze(0))
     numerics = inference_numerics(members, cfg.amp, cfg.channels_last, 1, log=lambda _: None)
-    mean, std, _, _ = predict_batch(members, group_images, numerics, cfg.tta)
+    mean, std, _, features = predict_batch(members, group_images, numerics, cfg.tta, embed=True)
     spread = len(members) > 1 or cfg.tta
-    return mean[0].numpy(), std[0].numpy() if spread else None
+    return mean[0].numpy(), std[0].numpy() if spread else None, features[0].numpy()
+
+
+# --- galaxies like this one ------------------------------------------------------------------
+
+def thumbnail(cfg, name):
+    """The crop of a galaxy (GalaxyID) or file by name, from its PNG or raw image; None if there is none."""
+    try:
+        if name.isdigit():
+            galaxy = find_galaxy(cfg, int(name))
+        elif os.path.isfile(name):
+            galaxy = {"split": "file", "raw_reference": None, "png_path": None, "file": name}
+        else:
+            return None
+        return galaxy_images(cfg, galaxy)["crop"]
+    except DataError:
+        return None
+
+
+def similar_galaxies(cfg, name, features):
+    """[(name, cosine similarity, thumbnail or None, true Q1 answer or "")] of the cfg.similar
+    galaxies nearest to name in cfg.embeddings, the query itself left out. The query's embedding is
+    the one stored there when there is one, else features (computed with --checkpoint)."""
+    embeddings, ids = read_embeddings(cfg.embeddings)
+    names = [os.path.normpath(i) for i in ids["id"]]
+    own_rows = [row for row, other in enumerate(names) if other == os.path.normpath(str(name))]
+    if own_rows:
+        features = np.asarray(embeddings[own_rows[0]], np.float32)
+    elif features is None:
+        raise DataError(f"{name} has no embedding in {cfg.embeddings}; pass --checkpoint=... to compute it "
+                        f"(or write it with predict.py --embed)")
+    rows, similarities = nearest(embeddings, features, cfg.similar, exclude=own_rows, norms=ids["norm"].to_numpy())
+    labels = {}
+    if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")):
+        label_ids, vote_fractions = read_labels(cfg.processed_dir)
+        labels = dict(zip(label_ids.tolist(), vote_fractions[:, :len(QUESTIONS[0].answers)]))
+    found = []
+    for row, similarity in zip(rows.tolist(), similarities.tolist()):
+        other = ids["id"][row]
+        q1 = labels.get(int(other)) if other.isdigit() else None
+        found.append((other, similarity, thumbnail(cfg, other),
+                      "" if q1 is None else QUESTIONS[0].answers[int(np.argmax(q1))]))
+    return found
+
+
+def plot_similar(subfigure, neighbours):
+    """One row of thumbnails with each neighbour's name, similarity and true Q1 answer if known."""
+    axes = np.atleast_1d(subfigure.subplots(1, max(1, len(neighbours))))
+    for ax, (name, similarity, crop, q1) in zip(axes, neighbours):
+        if crop is not None:
+            ax.imshow(crop, interpolation="nearest")
+        else:
+            ax.text(0.5, 0.5, "no image", ha="center", va="center")
+        label = os.path.basename(name)
+        ax.set_title(f"{label[:18]}\ncos {similarity:.3f}" + (f"\ntrue Q1: {q1}" if q1 else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    subfigure.suptitle(f"the {len(neighbours)} most similar galaxies (cosine similarity of the penultimate features)",
+                       fontsize=11)
 
 
 # --- the figure --------------------------------------------------------------------------------
@@ -152,12 +212,18 @@ def plot_question(ax, question, true_values, predicted_values, predicted_std=Non
     ax.set_title(f"Q{question.number}  {question.text}", fontsize=9, loc="left")
 
 
-def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None):
-    """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images)."""
+def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None, neighbours=None):
+    """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images);
+    neighbours (similar_galaxies) add a row of the most similar galaxies."""
     raw, crop = galaxy["raw"], galaxy["crop"]
     has_values = true_values is not None or predicted_values is not None
-    fig = plt.figure(figsize=(20, 10) if has_values else (12, 10), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[1, 2.4] if has_values else [1, 1.2])
+    width, height = (20, 10) if has_values else (12, 10)
+    fig = plt.figure(figsize=(width, height + (3.5 if neighbours else 0)), layout="constrained")
+    top = fig
+    if neighbours:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[height, 3.5])
+        plot_similar(bottom, neighbours)
+    left, right = top.subfigures(1, 2, width_ratios=[1, 2.4] if has_values else [1, 1.2])
 
     raw_ax, crop_ax = left.subplots(2, 1, height_ratios=[3, 2])
     if raw is not None:
@@ -237,15 +303,20 @@ def main():
             members, groups = load_members(resolve_checkpoints(cfg.checkpoint, cfg.out_dir),
                                            resolve_device(cfg.device))
         true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
-        predicted_values, predicted_std = None, None
+        predicted_values, predicted_std, features, neighbours = None, None, None, None
         if members:
-            predicted_values, predicted_std = ensemble_prediction(cfg, galaxy, members, groups)
+            predicted_values, predicted_std, features = ensemble_prediction(cfg, galaxy, members, groups)
         else:
             galaxy.update(galaxy_images(cfg, galaxy))
+        if cfg.similar:
+            if not cfg.embeddings:
+                raise DataError("--similar needs --embeddings=<folder with embeddings.npy>, written by "
+                                "`python predict.py --split=all --embed`")
+            neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features)
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
-    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std)
+    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
     path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
