@@ -3,6 +3,7 @@
     python bench.py preprocess            # preprocessing vs. plain JPEG decoding, img/s and ratio
     python bench.py train                 # training img/s: model alone vs. the whole pipeline, FLOP/s
     python bench.py accuracy              # the table of benchmarks/ACCURACY.md, trained from scratch
+    python bench.py similar               # load + nearest search over 141,553 x 2048 float16 embeddings
     python bench.py preprocess --raw_dir=data/raw --workers=4
 
 A subcommand <name> runs bench_<name>(cfg, overrides); the remaining arguments are config
@@ -275,6 +276,29 @@ def bench_accuracy(cfg, overrides):
     atomic_write(results_dir / "accuracy.csv", lambda tmp: table.to_csv(tmp, index=False))
     print(table.to_string(index=False))
     print(f"saved {results_dir / 'accuracy.csv'}")
+
+
+SIMILAR_ROWS, SIMILAR_WIDTH = 141_553, 2048   # Kaggle's 61,578 + 79,975 galaxies x the penultimate layer
+
+
+def bench_similar(cfg, overrides):
+    """Seconds to load a float16 embeddings file of every Kaggle galaxy and find one galaxy's 8 nearest."""
+    import numpy as np
+    from similar import nearest, read_embeddings, write_embeddings
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(0)   # ReLU features: non-negative
+        features = np.abs(rng.standard_normal((SIMILAR_ROWS, SIMILAR_WIDTH), np.float32)).astype(np.float16)
+        write_embeddings(folder, range(SIMILAR_ROWS), ["kaggle_test"] * SIMILAR_ROWS, features)
+        del features
+        times = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            embeddings, ids = read_embeddings(folder)
+            nearest(embeddings, embeddings[123], 8, exclude=[123], norms=ids["norm"].to_numpy())
+            times.append(time.perf_counter() - started)
+            del embeddings
+    print(f"similar: {SIMILAR_ROWS:,} x {SIMILAR_WIDTH} float16 embeddings, load + 8 nearest: "
+          f"{min(times):.3f} s best of {ROUNDS} ({', '.join(f'{t:.3f}' for t in times)} s)")
 
 
 def main():

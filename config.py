@@ -76,9 +76,13 @@ class Config:
     threads: int = 0              # torch CPU threads (0 = torch's default)
 
     # --- evaluation and prediction -----------------------------------------
-    checkpoint: str = ""          # path to a .pt file written by train.py
-    split: str = "kaggle"         # predict.py: kaggle (the unlabelled test set) | test | val
+    checkpoint: str = ""          # .pt file, run folder (best.pt or member_*/best.pt), glob or comma list; several = ensemble
+    split: str = "kaggle"         # predict.py: kaggle (the unlabelled test set) | test | val | all (every galaxy, with --embed)
     tta: bool = False             # average over the 8 rotations/flips
+    images: str = ""              # predict.py: predict these image files instead (a folder, a glob or one file)
+    embed: bool = False           # predict.py: also write each galaxy's 2048 penultimate features (embeddings.npy)
+    similar: int = 0              # plot_image.py: show this many most similar galaxies (needs embeddings)
+    embeddings: str = ""          # plot_image.py: the folder with embeddings.npy (written by predict.py --embed)
     show: bool = False            # plot_image.py: open a window as well as saving
 
     def __post_init__(self):
@@ -94,7 +98,9 @@ class Config:
             (self.amp in ("auto", "true", "false"), "amp must be auto, true or false"),
             (self.channels_last in ("auto", "true", "false"), "channels_last must be auto, true or false"),
             (self.schedule in ("onecycle", "cosine", "constant"), "schedule must be onecycle, cosine or constant"),
-            (self.split in ("kaggle", "test", "val"), "split must be kaggle, test or val"),
+            (self.split in ("kaggle", "test", "val", "all"), "split must be kaggle, test, val or all"),
+            (self.split != "all" or self.embed, "split=all writes only embeddings: add --embed"),
+            (self.similar >= 0, "similar must not be negative"),
             (self.image_size >= 16, "image_size must be at least 16"),
             (self.batch_size > 0, "batch_size must be a positive integer, e.g. --batch_size=64"),
             (self.epochs > 0, "epochs must be a positive integer"),

@@ -8,11 +8,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import ndimage
 
 CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
 ROI_WORK_SIDE = 106                 # the ROI is found on a frame about this wide (424 / 4)
+ORIENTATION_TAG = 0x0112            # EXIF: how the stored pixels must be turned to stand upright
 
 
 class BadImage(ValueError):
@@ -119,26 +120,88 @@ def _read_source(source):
 
 
 def _open(data):
-    """The image with only its header read, so that draft can still pick the decoding scale."""
+    """The image with only its header read, so that draft can still pick the decoding scale.
+
+    An image with more pixels than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is
+    refused from its header size, never decoded. Pillow's own check is lifted for the header read
+    only, because its error does not say the width and height.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        return Image.open(io.BytesIO(data))
+        Image.MAX_IMAGE_PIXELS = None
+        image = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"not an image: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if limit and image.width * image.height > limit:
+        raise BadImage(f"too many pixels: {image.width}x{image.height} is above Pillow's decompression-bomb limit "
+                       f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+    return image
 
 
-def _decode(image, reduction):
-    """image (fresh from _open) decoded as RGB at 1/reduction of its size where it is a JPEG."""
+def _orientation(image):
+    """The EXIF orientation tag (1 = upright; 5-8 swap width and height), from the header alone."""
+    try:
+        return int(image.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:   # a damaged EXIF block says nothing about the pixels: take them as stored
+        return 1
+
+
+def to_rgb(image):
+    """8-bit RGB of any mode Pillow opens, scaled by the mode's real range; BadImage if there is none.
+
+    Alpha is composited onto black: a transparent sky is dark sky. 16-bit images (I;16*, and mode I
+    within 0..65535, which is how Pillow opens 16-bit PNGs and TIFFs) are divided by 257, the
+    type's range: a faint galaxy stays as faint as in the 8-bit image the network was trained on,
+    where stretching min..max would brighten the sky and the galaxy alike. Float images within
+    0..1 are the usual convention and are multiplied by 255; any other I or F range has no
+    convention, so it is stretched from its own min to max.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("1", "L", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA")).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, np.float64)
+        finite = values[np.isfinite(values)]
+        if not finite.size:
+            raise BadImage(f"no finite pixel values in a {mode} image")
+        low, high = float(finite.min()), float(finite.max())
+        if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+            low, high = 0.0, 65535.0
+        elif mode == "F" and low >= 0 and high <= 1:
+            low, high = 0.0, 1.0
+        scaled = (np.nan_to_num(values, nan=low) - low) * (255 / max(high - low, 1e-12))
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
+    raise BadImage(f"unsupported image mode {mode}: no known way to 8-bit RGB")
+
+
+def _decode(image, reduction, orientation=1):
+    """image (fresh from _open) decoded as upright 8-bit RGB, at 1/reduction of its size where it is a JPEG."""
     try:
         if reduction > 1:
             image.draft("RGB", (image.width // reduction, image.height // reduction))
         image.load()
+        if orientation != 1:   # a camera's rotation tag: the galaxy is cropped as it is seen
+            image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
-        raise BadImage(f"image too large: {err}") from None
+        raise BadImage(f"too many pixels: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:   # Pillow's ways of saying corrupt or truncated
         raise BadImage(f"corrupt or truncated image: {err}") from None
-    if image.mode != "RGB":   # grayscale, CMYK, palette ... are converted, not skipped
-        image = image.convert("RGB")
-    return image
+    return to_rgb(image)
+
+
+def read_image(source):
+    """The whole image as upright 8-bit RGB, decoded as crop_galaxy decodes it (for showing it)."""
+    data = _read_source(source)
+    if not data:
+        raise BadImage("empty file")
+    image = _open(data)
+    return _decode(image, 1, _orientation(image))
 
 
 def _reduction_for(side, image_size):
@@ -149,30 +212,32 @@ def _reduction_for(side, image_size):
 def crop_galaxy(source, cfg):
     """(RGB crop of image_size x image_size, box) for one image; box is in the image's full-size pixels.
 
-    source is a path, a file object or the bytes of a JPEG (any Pillow-readable image works).
-    Raises BadImage with a short reason for an empty, unreadable, truncated or too small image.
+    source is a path, a file object or the bytes of a JPEG (any image Pillow opens works: grayscale,
+    RGBA, 16-bit and float ones are converted by to_rgb, EXIF-rotated ones turned upright first).
+    Raises BadImage with a short reason for an empty, unreadable, truncated, too small or too large image.
     """
     data = _read_source(source)
     if not data:
         raise BadImage("empty file")
     image = _open(data)
-    width, height = image.size
+    orientation = _orientation(image)
+    width, height = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size   # as it will stand upright
     if min(width, height) < cfg.image_size:
         raise BadImage(f"image too small: {width}x{height} < image_size {cfg.image_size}")
 
     if cfg.crop == "center":
         box = center_box(width, height, cfg)
-        image = _decode(image, _reduction_for(box[2] - box[0], cfg.image_size))
+        image = _decode(image, _reduction_for(box[2] - box[0], cfg.image_size), orientation)
     else:
         # one decode at half size serves both the ROI search and, for most galaxies, the crop
-        image = _decode(image, 2 if min(width, height) >= 4 * ROI_WORK_SIDE else 1)
+        image = _decode(image, 2 if min(width, height) >= 4 * ROI_WORK_SIDE else 1, orientation)
         gray = image.convert("L").reduce(max(1, min(image.size) // ROI_WORK_SIDE))
         scale = width / gray.width
         left, top, right, bottom = roi_box(np.asarray(gray), cfg, scale)
         box = _square_box((left + right) / 2 * scale, (top + bottom) / 2 * scale,
                           (right - left) * scale, width, height)
         if width / image.width > _reduction_for(box[2] - box[0], cfg.image_size):
-            image = _decode(_open(data), _reduction_for(box[2] - box[0], cfg.image_size))   # small galaxy
+            image = _decode(_open(data), _reduction_for(box[2] - box[0], cfg.image_size), orientation)   # small galaxy
     scale_x, scale_y = width / image.width, height / image.height
     scaled_box = (box[0] / scale_x, box[1] / scale_y, box[2] / scale_x, box[3] / scale_y)
     size = (cfg.image_size, cfg.image_size)

@@ -50,6 +50,50 @@ QUESTIONS = (
 LABEL_COLUMNS = [column for q in QUESTIONS for column in q.columns]   # the 37 outputs, Kaggle order
 NUM_OUTPUTS = len(LABEL_COLUMNS)
 
+# How each answer reads in a summary, where the bare answer name would not say what it is about.
+SUMMARY_WORDS = {
+    "Class2.1": "edge-on", "Class2.2": "not edge-on",
+    "Class4.1": "spiral", "Class4.2": "no spiral",
+    "Class5.1": "no bulge", "Class5.2": "bulge just noticeable", "Class5.3": "bulge obvious",
+    "Class5.4": "bulge dominant",
+    "Class7.2": "in between round and cigar-shaped",
+    "Class9.1": "rounded bulge", "Class9.2": "boxy bulge", "Class9.3": "no bulge",
+    "Class10.1": "tight winding", "Class10.2": "medium winding", "Class10.3": "loose winding",
+    "Class11.1": "1 arm", "Class11.2": "2 arms", "Class11.3": "3 arms", "Class11.4": "4 arms",
+    "Class11.5": "more than four arms", "Class11.6": "can't tell how many arms",
+}
+
+
+def vote_summary(vote_fractions):
+    """The galaxy in plain words: the most-voted answer of each question, following the tree down.
+
+    e.g. "features or disk; not edge-on; no bar; spiral, 2 arms, tight winding; bulge just noticeable".
+    Q6 (anything odd?) is asked of every galaxy; it adds "odd: <what>" only when "yes" wins.
+    """
+    votes = dict(zip(LABEL_COLUMNS, np.asarray(vote_fractions, np.float64).tolist()))
+    by_number = {q.number: q for q in QUESTIONS}
+
+    def top(number):
+        question = by_number[number]
+        column = max(question.columns, key=votes.get)
+        return column, SUMMARY_WORDS.get(column, question.answers[question.columns.index(column)])
+
+    q1, words = top(1)
+    parts = [words]
+    if q1 == "Class1.1":
+        parts.append(top(7)[1])
+    elif q1 == "Class1.2":
+        q2, words = top(2)
+        parts.append(words)
+        if q2 == "Class2.1":
+            parts.append(top(9)[1])
+        else:
+            q4, spiral = top(4)
+            parts += [top(3)[1], f"{spiral}, {top(11)[1]}, {top(10)[1]}" if q4 == "Class4.1" else spiral, top(5)[1]]
+    if top(6)[0] == "Class6.1":
+        parts.append(f"odd: {top(8)[1]}")
+    return "; ".join(parts)
+
 SPLITS = ("train", "val", "test")
 
 

@@ -83,7 +83,16 @@ class GalaxyCNN(nn.Module):
 
     def forward(self, images):
         """images: float (N, 3, H, W) in [0, 1]; returns (N, 37) vote fractions in (0, 1)."""
-        return self.head(self.classifier(self.features(images)).float())
+        return self.forward_with_features(images)[0]
+
+    def forward_with_features(self, images):
+        """(vote fractions (N, 37), the 2048 penultimate features (N, 2048)) from one forward pass.
+
+        The features are the input of the last Linear, after its ReLU: what "galaxies like this
+        one" are compared by (predict.py --embed).
+        """
+        features = self.classifier[:-1](self.features(images))
+        return self.head(self.classifier[-1](features).float()), features
 
 
 def build_model(cfg: Config):
@@ -220,29 +229,41 @@ def choose_numerics(amp, channels_last, model, device, batch_size, image_size, t
 
 
 @torch.no_grad()
-def predict(model, images_uint8, batch_size=256, amp=False, channels_last=False, tta=False, progress=None):
-    """Vote fractions (N, 37) on the CPU for uint8 images (N, 3, S, S).
+def predict_views(model, images_uint8, batch_size=256, amp=False, channels_last=False, tta=False, embed=False,
+                  progress=None):
+    """(vote fractions of each view (V, N, 37), features (N, 2048) averaged over the views or None).
 
+    V is 8 with tta (the symmetries of the square, model inputs dihedral(images, k)), else 1.
     amp and channels_last are booleans (see choose_numerics); with channels_last the model is
-    moved to that layout, which load_state_dict and state_dict do not care about. With tta, the prediction is the mean over the 8 symmetries of the square. progress, if
-    given, is called with the number of images done after each batch.
+    moved to that layout, which load_state_dict and state_dict do not care about. With embed the
+    penultimate features come from the same forward pass. progress, if given, is called with the
+    number of images done after each batch. Everything returned lives on the CPU.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    outputs = []
+    views, features = [], []
     for start in range(0, len(images_uint8), batch_size):
         batch = prepare_batch(images_uint8[start:start + batch_size], device, channels_last)
         with autocast(device, amp):
-            views = range(8) if tta else range(1)
-            prediction = sum(model(dihedral(batch, k)).float() for k in views) / len(views)
-        outputs.append(prediction.cpu())
+            outputs = [model.forward_with_features(dihedral(batch, k)) for k in range(8 if tta else 1)]
+        views.append(torch.stack([votes.float() for votes, _ in outputs]).cpu())
+        if embed:
+            features.append((sum(f.float() for _, f in outputs) / len(outputs)).cpu())
         if progress:
             progress(len(batch))
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.zeros(0, NUM_OUTPUTS)
+    if not views:
+        width = model.classifier[-1].in_features
+        return torch.zeros(8 if tta else 1, 0, NUM_OUTPUTS), (torch.zeros(0, width) if embed else None)
+    return torch.cat(views, 1), (torch.cat(features) if embed else None)
+
+
+def predict(model, images_uint8, batch_size=256, amp=False, channels_last=False, tta=False, progress=None):
+    """Vote fractions (N, 37) on the CPU for uint8 images (N, 3, S, S); with tta the mean over the 8 views."""
+    return predict_views(model, images_uint8, batch_size, amp, channels_last, tta, progress=progress)[0].mean(0)
 
 
 def rmse(predictions, targets):

@@ -4,14 +4,20 @@ vote fractions of the 11 decision-tree questions (true, predicted, or both side 
     python plot_image.py 100008                              # -> runs/galaxy_100008.png
     python plot_image.py 100008 --checkpoint=runs/best.pt    # true vs predicted, RMSE in the title
     python plot_image.py 100018 --checkpoint=runs/best.pt --show   # a test galaxy, in a window too
+    python plot_image.py 100008 --checkpoint=runs/ens --tta  # an ensemble: its spread as error bars
+    python plot_image.py my/galaxy.jpg --checkpoint=runs/best.pt   # any image file -> runs/galaxy_galaxy.png
+    python plot_image.py 100008 --similar=8 --embeddings=runs      # plus the 8 most similar galaxies
 
-The galaxy is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or test.
+An ID (all digits) is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or
+test; an existing file, or a name with an image extension, is plotted as it is (it has no true votes).
+--checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list.
 """
 import io
 import os
 import re
 import sys
 import zipfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,14 +27,17 @@ from PIL import Image
 
 import preprocess
 from config import get_config
-from crop import CROP_KEYS, BadImage, crop_galaxy
+from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels, writable_folder
-from model import CheckpointError, choose_numerics, load_model, predict, resolve_device, rmse
+from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
+from model import CheckpointError, resolve_device, rmse
+from similar import nearest, read_embeddings
 
-SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set"}
+SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
 # the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("checkpoint", "show", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
+CONFIG_KEYS = ("checkpoint", "show", "similar", "embeddings", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
                *CROP_KEYS,   # how the raw image is cropped when no checkpoint says
                "tta", "device", "amp", "channels_last")
 
@@ -76,21 +85,21 @@ def true_vote_fractions(cfg, galaxy_id):
 def galaxy_images(cfg, galaxy, model_cfg=None):
     """{"raw": RGB array or None, "roi_box": box or None, "crop": uint8 HWC, "crop_note": its source}.
 
-    The crop is made from the raw JPEG as preprocess.py makes the training PNGs, with the
-    checkpoint's settings when there is one (model_cfg); without a raw image it is the PNG.
+    The crop is made from the raw image (a Kaggle JPEG, or the file given) as preprocess.py makes
+    the training PNGs, with the checkpoint's settings when there is one (model_cfg); without a raw
+    image it is the PNG.
     """
     crop_cfg = model_cfg or cfg
-    if galaxy["raw_reference"]:
+    if galaxy["raw_reference"] or galaxy.get("file"):
+        source = galaxy.get("file") or galaxy["raw_reference"]
         try:
-            data = preprocess.read_raw(cfg.raw_dir, galaxy["raw_reference"])
+            data = preprocess.read_raw(cfg.raw_dir, source) if galaxy["raw_reference"] else Path(source).read_bytes()
             crop, roi_box = crop_galaxy(data, crop_cfg)
-            with Image.open(io.BytesIO(data)) as image:
-                raw = np.asarray(image.convert("RGB"))
-            return {"raw": raw, "roi_box": roi_box, "crop": np.asarray(crop),
+            return {"raw": np.asarray(read_image(data)), "roi_box": roi_box, "crop": np.asarray(crop),
                     "crop_note": f"crop={crop_cfg.crop} of the raw image"}
         except (BadImage, OSError, EOFError, zipfile.BadZipFile) as err:
             if not galaxy["png_path"]:
-                raise DataError(f"the raw image {galaxy['raw_reference']} is unusable ({err})") from None
+                raise DataError(f"the image {source} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it
     mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
     if mismatch:
@@ -107,18 +116,94 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     return {"raw": None, "roi_box": None, "crop": crop, "crop_note": "processed PNG"}
 
 
+def ensemble_prediction(cfg, galaxy, members, groups):
+    """(mean, std, features) of the members' vote fractions, each member on its own crop; std is
+    None when there is one member without TTA; the features (for --similar) are the first member's,
+    as predict.py --embed writes them. The galaxy's shown images are the first member's."""
+    group_images = []
+    for group in groups:
+        images = galaxy_images(cfg, galaxy, group)
+        if not group_images:
+            galaxy.update(images)
+        group_images.append(torch.from_numpy(np.array(images["crop"])).permute(2, 0, 1).unsqueeze(0))
+    numerics = inference_numerics(members, cfg.amp, cfg.channels_last, 1, log=lambda _: None)
+    mean, std, _, features = predict_batch(members, group_images, numerics, cfg.tta, embed=True)
+    spread = len(members) > 1 or cfg.tta
+    return mean[0].numpy(), std[0].numpy() if spread else None, features[0].numpy()
+
+
+# --- galaxies like this one ------------------------------------------------------------------
+
+def thumbnail(cfg, name):
+    """The crop of a galaxy (GalaxyID) or file by name, from its PNG or raw image; None if there is none."""
+    try:
+        if name.isdigit():
+            galaxy = find_galaxy(cfg, int(name))
+        elif os.path.isfile(name):
+            galaxy = {"split": "file", "raw_reference": None, "png_path": None, "file": name}
+        else:
+            return None
+        return galaxy_images(cfg, galaxy)["crop"]
+    except DataError:
+        return None
+
+
+def similar_galaxies(cfg, name, features):
+    """[(name, cosine similarity, thumbnail or None, true Q1 answer or "")] of the cfg.similar
+    galaxies nearest to name in cfg.embeddings, the query itself left out. The query's embedding is
+    the one stored there when there is one, else features (computed with --checkpoint)."""
+    embeddings, ids = read_embeddings(cfg.embeddings)
+    names = [os.path.normpath(i) for i in ids["id"]]
+    own_rows = [row for row, other in enumerate(names) if other == os.path.normpath(str(name))]
+    if own_rows:
+        features = np.asarray(embeddings[own_rows[0]], np.float32)
+    elif features is None:
+        raise DataError(f"{name} has no embedding in {cfg.embeddings}; pass --checkpoint=... to compute it "
+                        f"(or write it with predict.py --embed)")
+    rows, similarities = nearest(embeddings, features, cfg.similar, exclude=own_rows, norms=ids["norm"].to_numpy())
+    labels = {}
+    if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")):
+        label_ids, vote_fractions = read_labels(cfg.processed_dir)
+        labels = dict(zip(label_ids.tolist(), vote_fractions[:, :len(QUESTIONS[0].answers)]))
+    found = []
+    for row, similarity in zip(rows.tolist(), similarities.tolist()):
+        other = ids["id"][row]
+        q1 = labels.get(int(other)) if other.isdigit() else None
+        found.append((other, similarity, thumbnail(cfg, other),
+                      "" if q1 is None else QUESTIONS[0].answers[int(np.argmax(q1))]))
+    return found
+
+
+def plot_similar(subfigure, neighbours):
+    """One row of thumbnails with each neighbour's name, similarity and true Q1 answer if known."""
+    axes = np.atleast_1d(subfigure.subplots(1, max(1, len(neighbours))))
+    for ax, (name, similarity, crop, q1) in zip(axes, neighbours):
+        if crop is not None:
+            ax.imshow(crop, interpolation="nearest")
+        else:
+            ax.text(0.5, 0.5, "no image", ha="center", va="center")
+        label = os.path.basename(name)
+        ax.set_title(f"{label[:18]}\ncos {similarity:.3f}" + (f"\ntrue Q1: {q1}" if q1 else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    subfigure.suptitle(f"the {len(neighbours)} most similar galaxies (cosine similarity of the penultimate features)",
+                       fontsize=11)
+
+
 # --- the figure --------------------------------------------------------------------------------
 
-def plot_question(ax, question, true_values, predicted_values):
-    """Horizontal bars, one per answer; paired true/predicted bars when both are known."""
-    series = [(name, values, color) for name, values, color in
-              (("true", true_values, TRUE_COLOR), ("predicted", predicted_values, PREDICTED_COLOR))
+def plot_question(ax, question, true_values, predicted_values, predicted_std=None):
+    """Horizontal bars, one per answer; paired true/predicted bars when both are known; the
+    ensemble's spread (one standard deviation) as error bars on the predicted ones."""
+    series = [(name, values, color, errors) for name, values, color, errors in
+              (("true", true_values, TRUE_COLOR, None), ("predicted", predicted_values, PREDICTED_COLOR, predicted_std))
               if values is not None]
     positions = np.arange(len(question.answers))[::-1]  # the first answer on top
     height = 0.8 / len(series)
-    for i, (name, values, color) in enumerate(series):
+    for i, (name, values, color, errors) in enumerate(series):
         offset = (len(series) - 1) / 2 * height - i * height  # true above predicted
-        ax.barh(positions + offset, values, height=height, color=color, label=name)
+        ax.barh(positions + offset, values, height=height, color=color, label=name,
+                xerr=errors, error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "black"})
         for y, value in zip(positions + offset, values):
             ax.text(value + 0.01, y, f"{value:.2f}", va="center", fontsize=7)
     ax.set_yticks(positions, question.answers, fontsize=8)
@@ -128,12 +213,18 @@ def plot_question(ax, question, true_values, predicted_values):
     ax.set_title(f"Q{question.number}  {question.text}", fontsize=9, loc="left")
 
 
-def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
-    """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images)."""
+def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None, neighbours=None):
+    """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images);
+    neighbours (similar_galaxies) add a row of the most similar galaxies."""
     raw, crop = galaxy["raw"], galaxy["crop"]
     has_values = true_values is not None or predicted_values is not None
-    fig = plt.figure(figsize=(20, 10) if has_values else (12, 10), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[1, 2.4] if has_values else [1, 1.2])
+    width, height = (20, 10) if has_values else (12, 10)
+    fig = plt.figure(figsize=(width, height + (3.5 if neighbours else 0)), layout="constrained")
+    top = fig
+    if neighbours:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[height, 3.5])
+        plot_similar(bottom, neighbours)
+    left, right = top.subfigures(1, 2, width_ratios=[1, 2.4] if has_values else [1, 1.2])
 
     raw_ax, crop_ax = left.subplots(2, 1, height_ratios=[3, 2])
     if raw is not None:
@@ -154,6 +245,7 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
         ax = right.subplots()
         ax.axis("off")
         why = ("Kaggle never released the vote fractions\nof its test galaxies." if galaxy["split"] == "test"
+               else "An image file has no published vote fractions." if galaxy["split"] == "file"
                else f"No vote fractions for this galaxy in\n{cfg.processed_dir}/labels.csv or {cfg.raw_dir}/.")
         ax.text(0.5, 0.5, f"{why}\n\nPass --checkpoint=runs/best.pt\nto see the model's prediction.",
                 ha="center", va="center", fontsize=14)
@@ -163,13 +255,16 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
             columns = [LABEL_COLUMNS.index(column) for column in question.columns]
             plot_question(ax, question,
                           None if true_values is None else true_values[columns],
-                          None if predicted_values is None else predicted_values[columns])
+                          None if predicted_values is None else predicted_values[columns],
+                          None if predicted_std is None else predicted_std[columns])
         legend_ax = axes[-1]  # 11 questions leave the 12th panel for the key
         legend_ax.axis("off")
         legend_ax.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=11,
                          title="vote fraction")
 
     title = f"Galaxy {galaxy_id} ({SPLIT_NAMES[galaxy['split']]})"
+    if predicted_std is not None:
+        title += " [error bars: spread over members x views]"
     if true_values is not None and predicted_values is not None:
         error = rmse(torch.from_numpy(predicted_values), torch.from_numpy(true_values))
         title += f": RMSE {error:.4f} over the 37 vote fractions"
@@ -179,34 +274,54 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg):
     return fig
 
 
+def parse_galaxy(text):
+    """("file", path) or ("id", GalaxyID) for the positional argument; DataError if it is neither.
+
+    An existing file, or a name with an image extension, is a file; all digits is an ID.
+    """
+    if os.path.isfile(text) or text.lower().endswith(IMAGE_EXTENSIONS):
+        if not os.path.isfile(text):
+            raise DataError(f"image file {text} not found")
+        return "file", text
+    if re.fullmatch(r"[0-9]{1,18}", text):   # 18 digits always fit int64, as GalaxyIDs must
+        return "id", int(text)
+    raise DataError(f"{text!r} is neither a galaxy ID (a number like 100008, at most 18 digits) nor an image file")
+
+
 def main():
-    cfg, args = get_config(positional=("galaxy_id",), doc=__doc__, keys=CONFIG_KEYS)
-    if not re.fullmatch(r"[0-9]{1,18}", args["galaxy_id"]):   # 18 digits always fit int64, as IDs must
-        sys.exit(f"error: the galaxy ID is a number like 100008, not {args['galaxy_id']!r}")
-    galaxy_id = int(args["galaxy_id"])
+    cfg, args = get_config(positional=("galaxy",), doc=__doc__, keys=CONFIG_KEYS)
     if not cfg.show:
         plt.switch_backend("Agg")  # files only, no display needed
     try:
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
-        galaxy = find_galaxy(cfg, galaxy_id)
-        model, model_cfg = None, None
+        kind, galaxy_id = parse_galaxy(args["galaxy"])
+        if kind == "file":
+            galaxy = {"split": "file", "raw_reference": None, "png_path": None, "file": galaxy_id}
+            galaxy_id = os.path.basename(galaxy_id)
+        else:
+            galaxy = find_galaxy(cfg, galaxy_id)
+        members, groups = [], []
         if cfg.checkpoint:
-            model, model_cfg = load_model(cfg.checkpoint, resolve_device(cfg.device))
-        galaxy.update(galaxy_images(cfg, galaxy, model_cfg))
+            members, groups = load_members(resolve_checkpoints(cfg.checkpoint, cfg.out_dir),
+                                           resolve_device(cfg.device))
         true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
-        predicted_values = None
-        if model is not None:
-            images = torch.from_numpy(np.array(galaxy["crop"])).permute(2, 0, 1).unsqueeze(0)
-            device = next(model.parameters()).device
-            numerics = choose_numerics(cfg.amp, cfg.channels_last, model, device, 1, model_cfg.image_size,
-                                       training=False, log=lambda _: None)
-            predicted_values = predict(model, images, 1, *numerics, cfg.tta)[0].numpy()
+        predicted_values, predicted_std, features, neighbours = None, None, None, None
+        if members:
+            predicted_values, predicted_std, features = ensemble_prediction(cfg, galaxy, members, groups)
+        else:
+            galaxy.update(galaxy_images(cfg, galaxy))
+        if cfg.similar:
+            if not cfg.embeddings:
+                raise DataError("--similar needs --embeddings=<folder with embeddings.npy>, written by "
+                                "`python predict.py --split=all --embed`")
+            neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features)
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 
-    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg)
+    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    path = os.path.join(cfg.out_dir, f"galaxy_{galaxy_id}.png")
+    stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
+    path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {path}")
     if cfg.show:

@@ -1,102 +1,42 @@
-"""Predict Galaxy Zoo vote fractions with a trained checkpoint.
+"""Predict Galaxy Zoo vote fractions with one trained checkpoint or an ensemble of them.
 
     python predict.py --checkpoint=runs/best.pt             # Kaggle's test set -> runs/submission.csv
     python predict.py --checkpoint=runs/best.pt --tta       # mean over the 8 rotations/flips
     python predict.py --checkpoint=runs/best.pt --split=test  # RMSE per question on the held-out split
+    python predict.py --checkpoint=runs/ens --tta           # every runs/ens/member_*/best.pt: mean and spread
+    python predict.py --checkpoint=runs/best.pt --images=my_galaxies/   # any JPEGs/PNGs -> predictions.csv
+    python predict.py --checkpoint=runs/best.pt --split=all --embed     # every galaxy's features, for --similar
 
-Kaggle's test images come from processed_dir/test/*.png when preprocess.py has written them
-with the checkpoint's crop settings, else straight from the raw JPEGs (zip or folder) in
-raw_dir, cropped exactly as in training. Unreadable images are listed in submission_skipped.csv,
-never fatal, and get the training split's mean vote fractions, as Kaggle wants a row for each.
+--checkpoint takes a file, a run folder (its best.pt, or each member_*/best.pt), a glob, or a
+comma-separated list of these. Several checkpoints are averaged (each over 8 views with --tta);
+their spread, the standard deviation over members x views, goes to *_std.csv beside the
+predictions. Each member sees the crop it was trained on: from processed_dir's PNGs when
+preprocess.py made them with its settings, else cropped from the raw JPEGs (zip or folder) in
+raw_dir. Unreadable images are listed in *_skipped.csv, never fatal; in Kaggle's submission
+they get the training split's mean vote fractions, as Kaggle wants a row for each.
 """
+import glob
 import os
 import sys
-import zipfile
 
 import numpy as np
 import pandas as pd
-import torch
-from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
-from tqdm import tqdm
 
 import preprocess
 from config import get_config
-from crop import BadImage, crop_galaxy
-from dataset import (LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, load_images, lock_folder, png_ids,
-                     read_labels, read_png, read_split, writable_folder)
-from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict, read_checkpoint, resolve_device,
-                   rmse)
+from dataset import (LABEL_COLUMNS, DataError, atomic_write, lock_folder, png_ids, read_labels, read_split,
+                     vote_summary, writable_folder)
+from ensemble import crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble, resolve_checkpoints
+from evaluate import evaluate_split
+from model import CheckpointError, resolve_device
+from similar import write_embeddings
 
 # the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("checkpoint", "split", "tta", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir", "workers",
-               "batch_size", "device", "amp", "channels_last")
-
-
-# --- the metric per question ---------------------------------------------------------------
-
-def question_rmse(predictions, targets):
-    """{question number: RMSE over that question's answer columns}, for (N, 37) arrays."""
-    squared_errors = (np.asarray(predictions, np.float64) - np.asarray(targets, np.float64)) ** 2
-    return {q.number: float(np.sqrt(squared_errors[:, [LABEL_COLUMNS.index(c) for c in q.columns]].mean()))
-            for q in QUESTIONS}
+CONFIG_KEYS = ("checkpoint", "split", "tta", "images", "embed", "raw_dir", "processed_dir", "out_dir", "demo",
+               "demo_dir", "workers", "batch_size", "device", "amp", "channels_last")
 
 
 # --- where the images come from ----------------------------------------------------------------
-
-def checkpoint_path(cfg):
-    return cfg.checkpoint or os.path.join(cfg.out_dir, "best.pt")
-
-
-def load_processed(task):
-    """Pool worker: (galaxy_id, uint8 HWC pixels or None, why it was skipped)."""
-    galaxy_id, path = task
-    try:
-        return galaxy_id, read_png(path, preprocess.worker_job["cfg"].image_size), ""
-    except (OSError, SyntaxError, ValueError) as err:  # Pillow's ways of saying corrupt or truncated
-        return galaxy_id, None, f"corrupt or truncated PNG: {err}"
-    except Exception as err:  # one image must never end the run
-        return galaxy_id, None, preprocess.unexpected_error(err)
-
-
-def load_raw(task):
-    """Pool worker: the galaxy cropped from its raw JPEG exactly as preprocess.py crops it."""
-    galaxy_id, reference = task
-    try:
-        data = preprocess.read_raw(preprocess.worker_job["raw_dir"], reference)
-        crop, _ = crop_galaxy(data, preprocess.worker_job["cfg"])
-        return galaxy_id, np.asarray(crop, np.uint8), ""
-    except BadImage as err:
-        return galaxy_id, None, str(err)
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        return galaxy_id, None, f"unreadable file: {err}"
-    except Exception as err:  # one image must never end the run
-        return galaxy_id, None, preprocess.unexpected_error(err)
-
-
-def kaggle_test_images(cfg, model_cfg):
-    """(tasks [(galaxy_id, path or reference)], worker, what they are) for Kaggle's test set."""
-    png_dir = os.path.join(cfg.processed_dir, "test")
-    galaxy_ids = png_ids(png_dir)
-    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if len(galaxy_ids) else ""
-    raw = preprocess.raw_images(cfg.raw_dir, "test")
-    if len(galaxy_ids) and not mismatch:
-        tasks = [(gid, os.path.join(png_dir, f"{gid}.png")) for gid in galaxy_ids.tolist()]
-        unmade = len(set(raw) - set(galaxy_ids.tolist()))
-        if unmade:  # e.g. an interrupted preprocess.py; Kaggle wants a row for every test galaxy
-            print(f"warning: {unmade} test images in {cfg.raw_dir} have no PNG in {png_dir}; "
-                  f"run `python preprocess.py` again to include them")
-        return tasks, load_processed, f"processed PNGs in {png_dir}"
-    if raw:
-        why = f" (not the PNGs in {png_dir}: {mismatch})" if mismatch else ""
-        return (sorted(raw.items()), load_raw,
-                f"raw JPEGs in {cfg.raw_dir}, cropped with crop={model_cfg.crop}{why}")
-    if mismatch:
-        raise DataError(f"the PNGs in {png_dir} were cropped differently ({mismatch}); re-run "
-                        f"`python preprocess.py` with the checkpoint's settings, or put the raw test images in "
-                        f"{cfg.raw_dir}")
-    raise DataError(f"no test images: put Kaggle's images_test_rev1.zip (or the folder images_test_rev1/) in "
-                    f"{cfg.raw_dir}/, or run `python preprocess.py` to write {png_dir}/<GalaxyID>.png")
-
 
 def preprocess_skipped(processed_dir):
     """[(galaxy_id, reason)] of the test images preprocess.py itself could not use."""
@@ -108,49 +48,9 @@ def preprocess_skipped(processed_dir):
     return list(zip(table["galaxy_id"], "preprocess.py: " + table["reason"]))
 
 
-def inference_numerics(model, model_cfg, cfg):
-    """(amp, channels_last) for predicting: --amp/--channels_last, or the fastest here (model.choose_numerics)."""
-    device = next(model.parameters()).device
-    return choose_numerics(cfg.amp, cfg.channels_last, model, device, cfg.batch_size, model_cfg.image_size,
-                           training=False)
-
-
-def predict_tasks(model, tasks, worker, model_cfg, cfg):
-    """(galaxy_ids, predictions (N, 37), skipped [(galaxy_id, reason)]), decoding in a worker pool.
-
-    Images are decoded by cfg.workers processes in order and fed to the model a batch at a time,
-    so the whole test set never has to sit in memory at once.
-    """
-    galaxy_ids, predictions, skipped = [], [], []
-    batch_ids, batch_pixels = [], []
-
-    def flush():
-        images = torch.from_numpy(np.stack(batch_pixels)).permute(0, 3, 1, 2).contiguous()
-        predictions.append(predict(model, images, cfg.batch_size, *numerics, cfg.tta))
-        galaxy_ids.extend(batch_ids)
-        batch_ids.clear()
-        batch_pixels.clear()
-
-    numerics = inference_numerics(model, model_cfg, cfg)
-    job = {"cfg": model_cfg, "raw_dir": cfg.raw_dir}
-    results = preprocess.run_pool(worker, tasks, cfg.workers, job, "predict", ordered=True)
-    for galaxy_id, pixels, reason in results:
-        if pixels is None:
-            skipped.append((galaxy_id, reason))
-            continue
-        batch_ids.append(galaxy_id)
-        batch_pixels.append(pixels)
-        if len(batch_ids) == cfg.batch_size:
-            flush()
-    if batch_ids:
-        flush()
-    if not galaxy_ids:
-        return np.zeros(0, np.int64), np.zeros((0, len(LABEL_COLUMNS)), np.float32), skipped
-    return np.array(galaxy_ids, np.int64), torch.cat(predictions).numpy(), skipped
-
-
 def write_submission(path, galaxy_ids, predictions):
-    """Kaggle's format: GalaxyID, Class1.1 ... Class11.6, one row per galaxy, sorted by ID."""
+    """Kaggle's format: GalaxyID, Class1.1 ... Class11.6, one row per galaxy, sorted by ID (also the
+    format of submission_std.csv, the spread)."""
     table = pd.DataFrame(np.clip(predictions, 0, 1), columns=LABEL_COLUMNS)
     table.insert(0, "GalaxyID", galaxy_ids)
     table = table.sort_values("GalaxyID")
@@ -193,128 +93,130 @@ def report_skipped(skipped, filled, path):
     print(f"skipped {len(skipped)} unreadable test images ({fate}): {first}; see {path}")
 
 
-def predict_kaggle(cfg, model, model_cfg, fallback):
-    tasks, worker, source = kaggle_test_images(cfg, model_cfg)
-    print(f"predicting {len(tasks)} test galaxies from {source}"
-          f"{' with 8-fold TTA' if cfg.tta else ''}")
-    galaxy_ids, predictions, skipped = predict_tasks(model, tasks, worker, model_cfg, cfg)
-    if worker is load_processed:
-        skipped = preprocess_skipped(cfg.processed_dir) + skipped
-    if not len(galaxy_ids):
+def mean_fallback(members, processed_dir):
+    """The members' fallback_prediction averaged (None if none has one)."""
+    fallbacks = [f for f in (fallback_prediction(m.checkpoint, processed_dir) for m in members) if f is not None]
+    return np.mean(fallbacks, axis=0) if fallbacks else None
+
+
+def predict_kaggle(cfg, members, groups):
+    tasks, pngs, raw = galaxy_tasks(cfg, "test")
+    use_png, sources = crop_sources(cfg, groups, pngs, raw, "test")
+    print(f"predicting {len(tasks)} test galaxies with {len(members)} checkpoint(s)"
+          f"{', each with 8-fold TTA' if cfg.tta else ''}:")
+    describe_members(members, sources)
+    result = predict_ensemble(members, groups, tasks, cfg, use_png, embed=cfg.embed)
+    # what preprocess.py skipped and nothing here could retry (no raw image) is reported as well
+    task_ids = {gid for gid, _ in tasks}
+    skipped = [row for row in preprocess_skipped(cfg.processed_dir) if not row[0].isdigit() or int(row[0]) not in task_ids]
+    skipped += result.skipped
+    if not result.names:
         raise DataError("no test image could be read; nothing to submit")
-    galaxy_ids, predictions, filled = fill_skipped(galaxy_ids, predictions, skipped, fallback)
+    predicted_ids = np.array(result.names, np.int64)
+    galaxy_ids, predictions, filled = fill_skipped(predicted_ids, result.mean, skipped,
+                                                   mean_fallback(members, cfg.processed_dir))
     os.makedirs(cfg.out_dir, exist_ok=True)
     report_skipped(skipped, filled, os.path.join(cfg.out_dir, "submission_skipped.csv"))
     path = os.path.join(cfg.out_dir, "submission.csv")
     write_submission(path, galaxy_ids, predictions)
     print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
+    if result.views > 1:   # the galaxies given the training mean have no spread: no row there
+        std_path = os.path.join(cfg.out_dir, "submission_std.csv")
+        write_submission(std_path, predicted_ids, result.std)
+        print(f"wrote {std_path}: the spread over {result.views} members x views")
+    if cfg.embed:
+        write_embeddings(cfg.out_dir, result.names, ["kaggle_test"] * len(result.names), result.features)
 
 
-# --- evaluation on the held-out split of the training data ----------------------------------------
+# --- any image files --------------------------------------------------------------------------------
 
-def evaluation_table(predictions, targets, baseline):
-    """Model and mean-prediction RMSE, overall and per question, as a DataFrame."""
-    predictions, targets = np.asarray(predictions), np.asarray(targets)
-    baseline_predictions = np.repeat(np.asarray(baseline)[None], len(targets), axis=0)
-    model_rmse = question_rmse(predictions, targets)
-    baseline_rmse = question_rmse(baseline_predictions, targets)
-    rows = [{"question": "all", "text": "all 37 outputs",
-             "model_rmse": rmse(torch.as_tensor(predictions), torch.as_tensor(targets)),
-             "baseline_rmse": rmse(torch.as_tensor(baseline_predictions), torch.as_tensor(targets))}]
-    rows += [{"question": f"Q{q.number}", "text": q.text, "model_rmse": model_rmse[q.number],
-              "baseline_rmse": baseline_rmse[q.number]} for q in QUESTIONS]
-    return pd.DataFrame(rows)
-
-
-def plot_evaluation(table, path, title):
-    """Horizontal bars, model beside the mean-prediction baseline, one pair per question."""
-    labels = [f"{q}  {text}" if q != "all" else text for q, text in zip(table["question"], table["text"])]
-    positions = np.arange(len(table))[::-1]  # the overall row on top, Q1 under it
-    fig = Figure(figsize=(9, 7.5), layout="constrained")
-    ax = fig.subplots()
-    for offset, column, name, color in ((0.2, "model_rmse", "model", "tab:blue"),
-                                        (-0.2, "baseline_rmse", "mean of the train split", "tab:gray")):
-        ax.barh(positions + offset, table[column], height=0.4, label=name, color=color)
-        for y, value in zip(positions + offset, table[column]):
-            ax.text(value, y, f" {value:.3f}", va="center", fontsize=7)
-    ax.set_yticks(positions, labels)
-    ax.set_xlim(0, 1.12 * table[["model_rmse", "baseline_rmse"]].to_numpy().max())
-    ax.set_xlabel("RMSE over the question's vote fractions")
-    ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=2)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+def image_files(spec):
+    """The sorted files named by --images: a folder's files (not hidden ones), a glob's, or one file."""
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, name) for name in sorted(os.listdir(spec)) if not name.startswith(".")]
+    elif any(char in spec for char in "*?["):
+        files = sorted(glob.glob(spec))
+    else:
+        files = [spec] if os.path.exists(spec) else []
+    files = [path for path in files if os.path.isfile(path)]
+    if not files:
+        raise DataError(f"--images={spec} names no file; pass a folder, a file or a quoted glob such as "
+                        f"--images='galaxies/*.jpg'")
+    return files
 
 
-def load_split_images(folder, galaxy_ids, image_size, cfg):
-    """load_images, or a DataError naming the first PNG it cannot read (a truncated one, say)."""
-    try:
-        return load_images(folder, galaxy_ids, image_size, cfg.workers)
-    except (OSError, SyntaxError, ValueError) as err:   # Pillow's ways of saying corrupt or truncated
-        for gid in galaxy_ids.tolist():   # only on failure: find which one, to name it
-            path = os.path.join(folder, f"{gid}.png")
-            try:
-                read_png(path, image_size)
-            except (OSError, SyntaxError, ValueError):
-                raise DataError(f"{path} is unreadable ({err}); re-run `python preprocess.py "
-                                f"--processed_dir={cfg.processed_dir}` to redo it") from None
-        raise
-
-
-def evaluate_split(cfg, model, model_cfg, checkpoint):
-    split_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "split.csv")
-    split = read_split(split_path)
-    galaxy_ids = split[cfg.split]
-    if not len(galaxy_ids):
-        raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {cfg.split}_fraction=0?)")
-    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg)
-    if mismatch:
-        raise DataError(f"the PNGs in {cfg.processed_dir} were cropped differently ({mismatch}); re-run "
-                        f"`python preprocess.py` with the checkpoint's settings")
-    label_ids, vote_fractions = read_labels(cfg.processed_dir)
-    row_of = {gid: row for row, gid in enumerate(label_ids.tolist())}
-    missing = [gid for gid in galaxy_ids.tolist() + split["train"].tolist() if gid not in row_of]
-    if missing:
-        raise DataError(f"{len(missing)} galaxies of {split_path} (e.g. {missing[0]}) have no row in "
-                        f"{cfg.processed_dir}/labels.csv; pass the --processed_dir the checkpoint was trained on")
-    targets = vote_fractions[[row_of[gid] for gid in galaxy_ids.tolist()]]
-    baseline = vote_fractions[[row_of[gid] for gid in split["train"].tolist()]].mean(0)
-
-    images = load_split_images(os.path.join(cfg.processed_dir, "train"), galaxy_ids, model_cfg.image_size, cfg)
-    with tqdm(total=len(images), unit="img", desc=f"predict {cfg.split}") as bar:
-        predictions = predict(model, images, cfg.batch_size, *inference_numerics(model, model_cfg, cfg), cfg.tta,
-                              progress=bar.update).numpy()
-
-    table = evaluation_table(predictions, targets, baseline)
-    print(f"{cfg.split} split: {len(galaxy_ids)} galaxies, checkpoint {checkpoint}"
-          f"{', 8-fold TTA' if cfg.tta else ''}; baseline = mean vote fractions of the "
-          f"{len(split['train'])} train galaxies")
-    print(f"{'RMSE':<36}{'model':>8}{'baseline':>10}")
-    for row in table.itertuples():
-        label = row.text if row.question == "all" else f"{row.question:<4} {row.text}"
-        print(f"{label:<36}{row.model_rmse:>8.4f}{row.baseline_rmse:>10.4f}")
+def predict_images(cfg, members, groups):
+    """--images: predictions.csv (file, the 37 vote fractions, a summary in words), the spread and the skips."""
+    files = image_files(cfg.images)
+    print(f"predicting {len(files)} files from {cfg.images} with {len(members)} checkpoint(s)"
+          f"{', each with 8-fold TTA' if cfg.tta else ''}")
+    result = predict_ensemble(members, groups, [(path, {"file": path}) for path in files], cfg,
+                              embed=cfg.embed, description="predict images")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    csv_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.csv")
-    png_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.png")
-    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-    plot_evaluation(table, png_path, f"{cfg.split} split: {len(galaxy_ids)} galaxies, "
-                                     f"RMSE {table['model_rmse'][0]:.4f} (baseline {table['baseline_rmse'][0]:.4f})")
-    print(f"wrote {csv_path} and {png_path}")
+    if result.skipped:
+        path = os.path.join(cfg.out_dir, "predictions_skipped.csv")
+        table = pd.DataFrame(result.skipped, columns=["file", "reason"])
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+        print(f"skipped {len(result.skipped)} unusable files: {', '.join(name for name, _ in result.skipped[:5])}"
+              f"{', ...' if len(result.skipped) > 5 else ''}; see {path}")
+        if not result.names:
+            raise DataError(f"none of the {len(files)} files of --images={cfg.images} could be used; "
+                            f"the reasons are in {path}")
+    for name, values, with_summary in (("predictions.csv", result.mean, True),
+                                       ("predictions_std.csv", result.std, False)):
+        if not with_summary and result.views == 1:
+            continue   # one member without TTA: no spread to write
+        table = pd.DataFrame(np.clip(values, 0, 1), columns=LABEL_COLUMNS)
+        table.insert(0, "file", result.names)
+        if with_summary:
+            table["summary"] = [vote_summary(row) for row in result.mean]
+        path = os.path.join(cfg.out_dir, name)
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+        print(f"wrote {path}: {len(table)} files")
+    if cfg.embed:
+        write_embeddings(cfg.out_dir, result.names, ["file"] * len(result.names), result.features)
+
+
+# --- every galaxy's embedding ---------------------------------------------------------------------
+
+def embed_all(cfg, members, groups):
+    """--split=all --embed: the features of every labelled galaxy (marked with its split in the first
+    member's split.csv, "labelled" without one) and of Kaggle's test set; no predictions are written."""
+    labelled_ids = read_labels(cfg.processed_dir)[0] if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")) \
+        else np.array(sorted(preprocess.raw_images(cfg.raw_dir, "train")), np.int64)
+    split_path = os.path.join(os.path.dirname(os.path.abspath(members[0].path)), "split.csv")
+    split_of = ({gid: name for name, ids in read_split(split_path).items() for gid in ids.tolist()}
+                if os.path.isfile(split_path) else {})
+    tasks, pngs, raw = galaxy_tasks(cfg, "train", labelled_ids.tolist())
+    use_png, sources = crop_sources(cfg, groups, pngs, raw, "train")
+    test_tasks, test_pngs, test_raw = galaxy_tasks(cfg, "test")
+    tasks += test_tasks
+    print(f"embedding {len(labelled_ids)} labelled and {len(test_tasks)} Kaggle test galaxies with the first "
+          f"checkpoint {members[0].path}{', averaged over 8 views' if cfg.tta else ''}")
+    result = predict_ensemble(members[:1], groups[:1], tasks, cfg, use_png[:1], embed=True, description="embed")
+    test_ids = {gid for gid, _ in test_tasks}
+    sources = ["kaggle_test" if gid in test_ids else split_of.get(gid, "labelled") for gid in result.names]
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable images, e.g. {result.skipped[0][0]}: {result.skipped[0][1]}")
+    write_embeddings(cfg.out_dir, result.names, sources, result.features)
 
 
 def main():
     cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
-    checkpoint = checkpoint_path(cfg)
     try:
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
         # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there
         lock = lock_folder(cfg.out_dir, "predict.py", ".predict.lock")  # held until the process exits
-        saved = read_checkpoint(checkpoint)
-        model, model_cfg = model_from_checkpoint(saved, checkpoint, resolve_device(cfg.device))
-        if cfg.split == "kaggle":
-            predict_kaggle(cfg, model, model_cfg, fallback_prediction(saved, cfg.processed_dir))
+        paths = resolve_checkpoints(cfg.checkpoint, cfg.out_dir)
+        members, groups = load_members(paths, resolve_device(cfg.device))
+        if cfg.images:
+            predict_images(cfg, members, groups)
+        elif cfg.split == "kaggle":
+            predict_kaggle(cfg, members, groups)
+        elif cfg.split == "all":
+            embed_all(cfg, members, groups)
         else:
-            evaluate_split(cfg, model, model_cfg, checkpoint)
+            evaluate_split(cfg, members, groups)
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -109,9 +109,9 @@ def test_help_exits_0_with_usage_and_keys(script, flag):
     for key in SCRIPTS[script]:
         assert f"--{key}" in result.stdout
     if script == "plot_image.py":
-        assert "usage: python plot_image.py <galaxy_id> [--key=value ...]" in result.stdout
+        assert "usage: python plot_image.py <galaxy> [--key=value ...]" in result.stdout
     if script == "bench.py":
-        assert "<accuracy|preprocess|train>" in result.stdout
+        assert "<accuracy|preprocess|similar|train>" in result.stdout
 
 
 def test_unknown_key_points_to_help():

@@ -11,7 +11,8 @@ from PIL import Image
 
 from config import Config
 from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, lock_folder,
-                     make_split, random_dihedral, read_labels, read_split, remove_dead_temp_files, save_split)
+                     make_split, random_dihedral, read_labels, read_split, remove_dead_temp_files, save_split,
+                     vote_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,3 +173,24 @@ def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     holder.kill()
     holder.wait()
     lock_folder(str(tmp_path), "train.py").close()   # the kernel released the dead holder's lock
+
+
+def votes(**fractions):
+    """A 37-vector from {"Class1_2": 0.8, ...} (dots written as underscores); the rest 0."""
+    vector = np.zeros(len(LABEL_COLUMNS), np.float32)
+    for column, value in fractions.items():
+        vector[LABEL_COLUMNS.index(column.replace("_", "."))] = value
+    return vector
+
+
+def test_vote_summary_follows_the_tree():
+    smooth = votes(Class1_1=0.8, Class1_2=0.15, Class1_3=0.05, Class7_1=0.6, Class7_2=0.2, Class6_2=0.9, Class6_1=0.1)
+    assert vote_summary(smooth) == "smooth; completely round"
+    edge_on = votes(Class1_2=0.9, Class1_1=0.1, Class2_1=0.7, Class2_2=0.2, Class9_2=0.5, Class9_1=0.2,
+                    Class6_1=0.6, Class6_2=0.4, Class8_7=0.5, Class8_1=0.1)
+    assert vote_summary(edge_on) == "features or disk; edge-on; boxy bulge; odd: dust lane"
+    spiral = votes(Class1_2=0.9, Class1_1=0.1, Class2_2=0.85, Class2_1=0.05, Class3_2=0.6, Class3_1=0.25,
+                   Class4_1=0.7, Class4_2=0.15, Class10_1=0.4, Class10_2=0.2, Class11_2=0.5, Class11_6=0.1,
+                   Class5_2=0.5, Class5_3=0.3, Class6_2=0.8)
+    assert vote_summary(spiral) == ("features or disk; not edge-on; no bar; spiral, 2 arms, tight winding; "
+                                    "bulge just noticeable")

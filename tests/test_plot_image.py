@@ -106,7 +106,8 @@ def main_error(monkeypatch, *args):
 
 
 def test_id_beyond_int64_is_a_one_line_error(monkeypatch):
-    assert "a number like 100008, not '99999999999999999999999'" in main_error(monkeypatch, "99999999999999999999999")
+    assert "'99999999999999999999999' is neither a galaxy ID (a number like 100008, at most 18 digits)" in main_error(
+        monkeypatch, "99999999999999999999999")
 
 
 def test_damaged_zip_or_an_out_dir_that_is_a_file_is_a_one_line_error(demo, tmp_path, monkeypatch):

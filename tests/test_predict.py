@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import helpers
-import predict as predict_module
 import preprocess
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, lock_folder, png_ids, read_labels
 from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
 from model import build_model, predict
-from predict import (evaluation_table, fallback_prediction, fill_skipped, kaggle_test_images, load_processed, load_raw,
-                     question_rmse)
+import ensemble
+from ensemble import crop_sources, galaxy_tasks, load_crops
+from evaluate import evaluation_table, question_rmse
+from predict import fallback_prediction, fill_skipped
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16"]
@@ -215,12 +216,13 @@ def test_evaluating_the_test_split_writes_table_and_chart(demo, tmp_path):
 
 def test_pngs_cropped_otherwise_fall_back_to_the_raw_jpegs(demo):
     cfg = Config(raw_dir=str(demo["raw_dir"]), processed_dir=str(demo["processed_dir"]))
-    tasks, worker, source = kaggle_test_images(cfg, demo["cfg"])
-    assert worker is load_processed and "processed PNGs" in source
+    tasks, pngs, raw = galaxy_tasks(cfg, "test")
     center_model = Config(**{**demo["cfg"].to_dict(), "crop": "center"})
-    tasks, worker, source = kaggle_test_images(cfg, center_model)
-    assert worker is load_raw and "crop roi there, center in the checkpoint" in source
+    use_png, sources = crop_sources(cfg, [demo["cfg"], center_model], pngs, raw, "test")
+    assert use_png == [True, False] and "processed PNGs" in sources[0]
+    assert "raw JPEGs" in sources[1] and "crop roi there, center in the checkpoint" in sources[1]
     assert [gid for gid, _ in tasks] == png_ids(demo["processed_dir"] / "test").tolist()
+    assert all(where["png"] and where["raw"] for _, where in tasks)
 
 
 # --- bad input (issue #12) ---------------------------------------------------------------------
@@ -238,7 +240,7 @@ def test_wrong_or_busy_out_dir_is_a_one_line_error_before_any_work(demo, tmp_pat
     (tmp_path / "a_file").write_text("")
     message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--out_dir={tmp_path / 'a_file'}")
     assert "is a file, not a folder; pass another --out_dir" in message
-    held = lock_folder(tmp_path, "predict.py")   # as another predict.py writing there would
+    held = lock_folder(tmp_path, "predict.py", ".predict.lock")   # as another predict.py writing there would
     try:
         message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--out_dir={tmp_path}")
         assert f"{tmp_path} is in use by another predict.py (PID {os.getpid()})" in message
@@ -258,17 +260,17 @@ def test_read_only_out_dir_is_a_one_line_error(demo, tmp_path):
 
 def test_an_unforeseen_error_skips_one_image(demo, monkeypatch):
     reference = sorted(preprocess.raw_images(demo["raw_dir"], "test").items())[0]
-    monkeypatch.setattr(preprocess, "worker_job", {"cfg": demo["cfg"], "raw_dir": str(demo["raw_dir"])})
-    monkeypatch.setattr(predict_module, "crop_galaxy", lambda data, cfg: 1 / 0)
-    assert load_raw(reference) == (reference[0], None, "unexpected error: ZeroDivisionError: division by zero")
-    monkeypatch.setattr(predict_module, "read_png", lambda path, size: {}["no such key"])
-    assert load_processed((5, "5.png"))[2] == "unexpected error: KeyError: 'no such key'"
+    monkeypatch.setattr(preprocess, "worker_job", {"raw_dir": str(demo["raw_dir"]),
+                                                   "groups": [{"cfg": demo["cfg"], "use_png": False}]})
+    monkeypatch.setattr(ensemble, "crop_galaxy", lambda data, cfg: 1 / 0)
+    task = (reference[0], {"raw": reference[1]})
+    assert load_crops(task) == (reference[0], None, "unexpected error: ZeroDivisionError: division by zero")
 
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(predict_module, "crop_galaxy", interrupted)
+    monkeypatch.setattr(ensemble, "crop_galaxy", interrupted)
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C still stops the run
-        load_raw(reference)
+        load_crops(task)
 
 
 def test_truncated_png_of_the_split_is_a_one_line_error(demo, tmp_path, monkeypatch):
@@ -279,7 +281,7 @@ def test_truncated_png_of_the_split_is_a_one_line_error(demo, tmp_path, monkeypa
     png.write_bytes(png.read_bytes()[:300])
     message = main_error(monkeypatch, f"--checkpoint={demo['checkpoint']}", f"--processed_dir={processed}",
                          "--split=test", f"--out_dir={tmp_path / 'out'}", *FAST)
-    assert f"{png} is unreadable" in message and "re-run `python preprocess.py" in message
+    assert str(png) in message and "cannot be read" in message and "re-run `python preprocess.py" in message
 
 
 def test_truncated_test_png_is_skipped_and_reported(demo, tmp_path, monkeypatch, capsys):
@@ -293,4 +295,4 @@ def test_truncated_test_png_is_skipped_and_reported(demo, tmp_path, monkeypatch,
     predict_main()
     assert f"skipped 1 unreadable test images (1 of them get the training mean in the submission): {png.stem}" \
         in capsys.readouterr().out
-    assert "corrupt or truncated PNG" in pd.read_csv(tmp_path / "submission_skipped.csv").reason[0]
+    assert "unreadable file" in pd.read_csv(tmp_path / "submission_skipped.csv").reason[0]
