@@ -12,6 +12,7 @@ overrides. raw_dir defaults to the real sample in ../shared/data/galaxy-zoo-samp
 import io
 import itertools
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import preprocess
 from config import answer_help, build_config, parse_overrides
 from dataset import atomic_write
-from model import build_model, resolve_device
+from model import (NUMERICS_CANDIDATES, autocast, build_model, choose_numerics, numerics_name, prepare_batch,
+                   resolve_device)
 from train import CONFIG_KEYS as TRAIN_KEYS, make_optimizer, next_batch, train_step
 
 ROUNDS = 3
@@ -125,14 +127,6 @@ def _timed_steps(run_step, steps, device):
     return time.perf_counter() - started
 
 
-def _matmul_flops(device, size=2048, repeats=10):
-    """The machine's measured dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA), best of ROUNDS."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    seconds = min(_timed_steps(lambda: a @ b, repeats, device) for _ in range(ROUNDS))
-    return 2 * size ** 3 * repeats / seconds
-
-
 def _training_flops_per_image(model, cfg, device):
     batch = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -141,62 +135,129 @@ def _training_flops_per_image(model, cfg, device):
     return counter.get_total_flops() / cfg.batch_size
 
 
+def machine_name(device):
+    """The chip the figures come from: the GPU's name, or the CPU model with the flags that decide
+    which numerics are fast (bf16 units), as benchmarks/RESULTS.md records beside every figure."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
+    return f"{model}, {torch.get_num_threads()} threads, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
+
+
+class TrainingBench:
+    """One model, optimizer and in-memory uint8 set per numerics candidate, with a step function for
+    each measured thing: a training step on a ready batch, one through the whole pipeline, and an
+    inference batch."""
+
+    def __init__(self, cfg, device, amp, channels_last, pool_size):
+        self.cfg, self.device, self.amp, self.channels_last = cfg, device, amp, channels_last
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, steps_per_epoch=10 ** 6)
+        images = torch.randint(0, 256, (pool_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+        self.images, self.targets = images.to(device), torch.rand(pool_size, 37, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.order = torch.randperm(pool_size, device=device)
+        self.position = 0
+        self.ready_batch, self.ready_targets = self._gather(torch.arange(cfg.batch_size, device=device))
+        self.inference_batch = prepare_batch(images[:INFERENCE_BATCH], device, channels_last)
+
+    def _gather(self, rows):
+        return next_batch(self.images, self.targets, rows, self.cfg, self.device, self.generator, self.channels_last)
+
+    def model_step(self):
+        train_step(self.model, self.optimizer, self.scheduler, self.ready_batch, self.ready_targets, self.amp,
+                   self.device)
+
+    def pipeline_step(self):
+        start = self.position % (len(self.images) - self.cfg.batch_size + 1)
+        self.position += self.cfg.batch_size
+        batch, targets = self._gather(self.order[start:start + self.cfg.batch_size])
+        train_step(self.model, self.optimizer, self.scheduler, batch, targets, self.amp, self.device)
+
+    @torch.no_grad()
+    def inference_step(self):
+        self.model.eval()
+        with autocast(self.device, self.amp):
+            self.model(self.inference_batch)
+        self.model.train()
+
+
+INFERENCE_BATCH = 256
+
+
 def bench_train(cfg, overrides):
-    """Training img/s: the model alone on a ready batch vs. the whole pipeline (gather from the
-    in-memory uint8 set, augmentation, step), side by side; FLOPs per image and the fraction of
-    the machine's matmul FLOP/s achieved. On CUDA also the time of one 61,578-image epoch."""
+    """Training and inference img/s of every numerics candidate (fp32/bf16 x NCHW/channels_last),
+    what amp=auto picks, and the whole pipeline (gather from the in-memory uint8 set, augmentation,
+    step) beside the best candidate. FLOPs per image; on CUDA one timed 61,578-image epoch."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    steps = 20 if device.type == "cpu" else 200
-    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=10 * steps)
-    pool_size = steps * cfg.batch_size if device.type == "cpu" else FULL_EPOCH
-    images_uint8 = torch.randint(0, 256, (pool_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    images_uint8, vote_fractions = images_uint8.to(device), torch.rand(pool_size, 37, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ready_batch, ready_targets = next_batch(images_uint8, vote_fractions, torch.arange(cfg.batch_size, device=device),
-                                            cfg, device, generator)
-    order = torch.randperm(pool_size, device=device)
-    position = [0]
-
-    def model_step():
-        train_step(model, optimizer, scheduler, ready_batch, ready_targets, cfg, device)
-
-    def pipeline_step():
-        start = position[0] % (pool_size - cfg.batch_size + 1)
-        position[0] += cfg.batch_size
-        batch, targets = next_batch(images_uint8, vote_fractions, order[start:start + cfg.batch_size],
-                                    cfg, device, generator)
-        train_step(model, optimizer, scheduler, batch, targets, cfg, device)
-
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-          f", batch_size {cfg.batch_size}, image_size {cfg.image_size}, amp {cfg.amp and device.type == 'cuda'}, "
-          f"channels_last {cfg.channels_last and device.type == 'cuda'}")
-    # alternate the two, keeping the best of each, because this machine's speed drifts
-    model_rate = pipeline_rate = 0.0
+    steps = 10 if device.type == "cpu" else 100
+    print(f"{machine_name(device)} | torch {torch.__version__} | batch_size {cfg.batch_size}, "
+          f"image_size {cfg.image_size}, inference batch {INFERENCE_BATCH}")
+    benches = {candidate: TrainingBench(cfg, device, *candidate, steps * cfg.batch_size)
+               for candidate in NUMERICS_CANDIDATES}
+    train_rate = {candidate: 0.0 for candidate in benches}
+    inference_rate = dict(train_rate)
+    # alternate the candidates round by round, keeping the best of each, because this machine's speed drifts
     for _ in range(ROUNDS):
-        model_rate = max(model_rate, steps * cfg.batch_size / _timed_steps(model_step, steps, device))
-        pipeline_rate = max(pipeline_rate, steps * cfg.batch_size / _timed_steps(pipeline_step, steps, device))
-    flops_per_image = _training_flops_per_image(model, cfg, device)
-    machine_flops = _matmul_flops(device)
-    print(f"model only (ready batch):          {model_rate:8.1f} img/s")
-    print(f"full pipeline (gather+augment+step): {pipeline_rate:8.1f} img/s")
-    print(f"ratio pipeline / model: {pipeline_rate / model_rate:.3f} (target >= 0.95)")
-    print(f"training FLOPs per image: {flops_per_image / 1e9:.2f} GFLOP (forward + backward)")
-    print(f"measured matmul: {machine_flops / 1e9:.1f} GFLOP/s; achieved by training: "
-          f"{flops_per_image * pipeline_rate / 1e9:.1f} GFLOP/s = {flops_per_image * pipeline_rate / machine_flops:.1%}")
+        for candidate, bench in benches.items():
+            train_rate[candidate] = max(train_rate[candidate],
+                                        steps * cfg.batch_size / _timed_steps(bench.model_step, steps, device))
+            inference_rate[candidate] = max(inference_rate[candidate], max(1, steps // 4) * INFERENCE_BATCH
+                                            / _timed_steps(bench.inference_step, max(1, steps // 4), device))
+    reference = (False, False)
+    print("| numerics | training, model only | inference | training vs fp32 NCHW | inference vs fp32 NCHW |")
+    print("|---|---|---|---|---|")
+    for candidate in benches:
+        print(f"| {numerics_name(*candidate)} | {train_rate[candidate]:.1f} img/s | {inference_rate[candidate]:.1f} img/s "
+              f"| {train_rate[candidate] / train_rate[reference]:.2f}x "
+              f"| {inference_rate[candidate] / inference_rate[reference]:.2f}x |")
+
+    fresh = build_model(cfg).to(device)
+    train_choice = choose_numerics(cfg.amp, cfg.channels_last, fresh, device, cfg.batch_size, cfg.image_size, True)
+    inference_choice = choose_numerics(cfg.amp, cfg.channels_last, fresh, device, INFERENCE_BATCH, cfg.image_size,
+                                       False)
+    print(f"amp={cfg.amp} channels_last={cfg.channels_last} picks {numerics_name(*train_choice)} for training "
+          f"({train_rate[train_choice] / train_rate[reference]:.2f}x fp32 NCHW) and "
+          f"{numerics_name(*inference_choice)} for inference "
+          f"({inference_rate[inference_choice] / inference_rate[reference]:.2f}x fp32 NCHW)")
+
+    best = max(benches, key=train_rate.get)
+    bench = benches[best]
+    model_rate, pipeline_rate = 0.0, 0.0
+    for _ in range(ROUNDS):
+        model_rate = max(model_rate, steps * cfg.batch_size / _timed_steps(bench.model_step, steps, device))
+        pipeline_rate = max(pipeline_rate, steps * cfg.batch_size / _timed_steps(bench.pipeline_step, steps, device))
+    print(f"best candidate {numerics_name(*best)}: model only {model_rate:.1f} img/s, full pipeline "
+          f"(gather+augment+step) {pipeline_rate:.1f} img/s, ratio {pipeline_rate / model_rate:.3f} (target >= 0.95)")
+    flops_per_image = _training_flops_per_image(benches[reference].model, cfg, device)
+    print(f"training FLOPs per image: {flops_per_image / 1e9:.2f} GFLOP (forward + backward); "
+          f"achieved {flops_per_image * pipeline_rate / 1e9:.0f} GFLOP/s")
     if device.type == "cuda":
+        epoch = TrainingBench(cfg, device, *best, FULL_EPOCH)
         epoch_steps = FULL_EPOCH // cfg.batch_size
-        position[0] = 0
-        seconds = _timed_steps(pipeline_step, epoch_steps, device)
+        seconds = _timed_steps(epoch.pipeline_step, epoch_steps, device)
         print(f"one epoch of {epoch_steps * cfg.batch_size} images: {seconds:.2f} s (target < 10 s on one H100)")
     else:
         print(f"one epoch of {FULL_EPOCH} images at this rate: {FULL_EPOCH / pipeline_rate:.0f} s (estimated)")
+    return {"train": train_rate, "inference": inference_rate, "pipeline": pipeline_rate, "model": model_rate,
+            "best": best, "auto_train": train_choice, "auto_inference": inference_choice}
 
 
 # --- accuracy ---------------------------------------------------------------------------
