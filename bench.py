@@ -4,6 +4,9 @@
     python bench.py train                 # training img/s: model alone vs. the whole pipeline, FLOP/s
     python bench.py accuracy              # the table of benchmarks/ACCURACY.md, trained from scratch
     python bench.py similar               # load + nearest search over 141,553 x 2048 float16 embeddings
+    python bench.py scale                 # Kaggle-sized rehearsal: preprocess, train, predict on 141,553 images
+    python bench.py scale --scale=0.002   # the same steps on 0.2 % of that (123 + 160 images)
+    python bench.py gpu                   # every CUDA check in one run, with a table for benchmarks/RESULTS.md
     python bench.py preprocess --raw_dir=data/raw --workers=4
 
 A subcommand <name> runs bench_<name>(cfg, overrides); the remaining arguments are config
@@ -36,7 +39,7 @@ ROUNDS = 3
 SLOW_DISK_MS = 0.2      # kernel time per preprocessed image above which ext4 is slowed down (_kernel_seconds)
 SLOW_DISK_WAIT_S = 420  # how long bench_preprocess waits for such a slowdown to pass
 SHARED_SAMPLE = Path(__file__).resolve().parent.parent / "shared/data/galaxy-zoo-sample"
-CONFIG_KEYS = tuple(dict.fromkeys(preprocess.CONFIG_KEYS + TRAIN_KEYS))   # what --help lists
+CONFIG_KEYS = tuple(dict.fromkeys(preprocess.CONFIG_KEYS + TRAIN_KEYS + ("scale",)))   # what --help lists
 
 
 def _decode_full(task):
@@ -255,9 +258,11 @@ def bench_train(cfg, overrides):
         seconds = _timed_steps(epoch.pipeline_step, epoch_steps, device)
         print(f"one epoch of {epoch_steps * cfg.batch_size} images: {seconds:.2f} s (target < 10 s on one H100)")
     else:
-        print(f"one epoch of {FULL_EPOCH} images at this rate: {FULL_EPOCH / pipeline_rate:.0f} s (estimated)")
+        seconds = FULL_EPOCH / pipeline_rate
+        print(f"one epoch of {FULL_EPOCH} images at this rate: {seconds:.0f} s (estimated)")
     return {"train": train_rate, "inference": inference_rate, "pipeline": pipeline_rate, "model": model_rate,
-            "best": best, "auto_train": train_choice, "auto_inference": inference_choice}
+            "best": best, "auto_train": train_choice, "auto_inference": inference_choice,
+            "epoch_seconds": seconds, "epoch_measured": device.type == "cuda"}
 
 
 # --- accuracy ---------------------------------------------------------------------------
@@ -413,6 +418,18 @@ def bench_similar(cfg, overrides):
             del embeddings
     print(f"similar: {SIMILAR_ROWS:,} x {SIMILAR_WIDTH} float16 embeddings, load + 8 nearest: "
           f"{min(times):.3f} s best of {ROUNDS} ({', '.join(f'{t:.3f}' for t in times)} s)")
+
+
+def bench_scale(cfg, overrides):
+    """Kaggle-sized rehearsal: the real commands on 61,578 + 79,975 images (bench_scale.py)."""
+    from bench_scale import bench_scale as rehearsal
+    rehearsal(cfg, overrides)
+
+
+def bench_gpu(cfg, overrides):
+    """Every CUDA check in one command, with a table for benchmarks/RESULTS.md (bench_gpu.py)."""
+    from bench_gpu import bench_gpu as gpu_check
+    gpu_check(cfg, overrides)
 
 
 def main():

@@ -85,6 +85,9 @@ class Config:
     embeddings: str = ""          # plot_image.py: the folder with embeddings.npy (written by predict.py --embed)
     show: bool = False            # plot_image.py: open a window as well as saving
 
+    # --- benchmarks -----------------------------------------------------------
+    scale: float = 1.0            # bench.py scale: fraction of Kaggle's 61,578 + 79,975 images to rehearse with
+
     def __post_init__(self):
         for key in SWITCH_KEYS:   # checkpoints made before "auto" existed stored True or False
             setattr(self, key, _switch(getattr(self, key)))
@@ -101,6 +104,7 @@ class Config:
             (self.split in ("kaggle", "test", "val", "all"), "split must be kaggle, test, val or all"),
             (self.split != "all" or self.embed, "split=all writes only embeddings: add --embed"),
             (self.similar >= 0, "similar must not be negative"),
+            (self.scale > 0, "scale must be positive, e.g. --scale=0.1"),
             (self.image_size >= 16, "image_size must be at least 16"),
             (self.batch_size > 0, "batch_size must be a positive integer, e.g. --batch_size=64"),
             (self.epochs > 0, "epochs must be a positive integer"),

@@ -57,7 +57,8 @@ CHANGEABLE_ON_RESUME = (
     "max_steps", "threads", "workers", "device", "amp", "channels_last",   # how, not what, it computes
     "out_dir", "processed_dir",                       # checked: the same galaxies (split.csv) and crop keys
     "resume", "members", "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",   # not read by a resumed run
-    "checkpoint", "split", "tta", "show",              # predict.py and plot_image.py only
+    "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
+    "scale",                                          # bench.py only
 )
 # ... and not these: they define what is trained, so a change would make one run of two halves
 FIXED_ON_RESUME = (

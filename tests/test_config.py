@@ -59,7 +59,7 @@ SCRIPTS = {   # each script's --help must list at least these keys, which it obv
     "train.py": ["epochs", "lr", "batch_size", "out_dir"],
     "predict.py": ["checkpoint", "tta", "split"],
     "plot_image.py": ["checkpoint", "show"],
-    "bench.py": ["raw_dir", "workers", "epochs"],
+    "bench.py": ["raw_dir", "workers", "epochs", "scale"],
 }
 
 
@@ -111,7 +111,7 @@ def test_help_exits_0_with_usage_and_keys(script, flag):
     if script == "plot_image.py":
         assert "usage: python plot_image.py <galaxy> [--key=value ...]" in result.stdout
     if script == "bench.py":
-        assert "<accuracy|preprocess|similar|train>" in result.stdout
+        assert "<accuracy|gpu|preprocess|scale|similar|train>" in result.stdout
 
 
 def test_unknown_key_points_to_help():

@@ -1,0 +1,131 @@
+"""One-command GPU check (python bench.py gpu): every CUDA check of the project in one run, meant
+to finish within 8 minutes on one GPU, closing with a Markdown table for benchmarks/RESULTS.md.
+
+    python bench.py gpu
+
+1. the CUDA tests: python -m pytest -q -k cuda tests/ (passed and failed counts);
+2. bench.py train on CUDA: training img/s of the model alone and of the whole pipeline, inference img/s;
+3. one timed 61,578-image epoch through the pipeline (goal: under 10 s on one H100);
+4. predict.py without and with TTA on a synthetic set of PNGs (demo.py + preprocess.py), beside
+   the model-only inference rate;
+5. a one-GPU torchrun run of train.py (python -m torch.distributed.run --standalone
+   --nproc_per_node=1, 20 steps on the synthetic set), whose checkpoint step 4 predicts with.
+
+Without a CUDA GPU it stops at once with a one-line error.
+"""
+import datetime
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import demo
+import predict as predict_script
+import preprocess
+import train as train_script
+from bench import INFERENCE_BATCH, bench_train, machine_name
+from bench_scale import check, model_only_rate, run_command, script_command
+from config import build_config
+from model import numerics_name
+
+NO_GPU = "error: bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False)"
+DEMO_TRAIN, DEMO_TEST = 2_000, 5_000   # enough test images for predict.py to reach its steady rate
+TORCHRUN_STEPS = 20
+TARGET_EPOCH_S = 10       # one 61,578-image epoch on one H100
+TARGET_TOTAL_S = 8 * 60
+STEP_TIMEOUT_S = 240      # no single step may eat the whole budget
+
+
+def cuda_tests():
+    """{"passed": n, "failed": n, "skipped": n, "errors": n, "exit": code, "seconds": s} of the tests
+    whose names say cuda, from pytest's closing line."""
+    code, seconds, _, output = run_command([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "tests/"],
+                                           timeout=STEP_TIMEOUT_S)
+    last = output.strip().splitlines()[-1] if output.strip() else "no output"
+    counts = {{"error": "errors"}.get(word, word): int(number)
+              for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
+    print(f"CUDA tests: {last} ({seconds:.0f} s)", flush=True)
+    return {**counts, "exit": code, "seconds": seconds}
+
+
+def torchrun_and_predict(cfg, overrides, folder):
+    """Train TORCHRUN_STEPS steps under torchrun on a synthetic set, then predict.py its test set
+    without and with TTA; the results of both steps."""
+    raw, processed, run = folder / "raw", folder / "processed", folder / "run"
+    demo.make_demo(raw, DEMO_TRAIN, DEMO_TEST, cfg.seed, workers=cfg.workers, progress=False)
+    preprocess.preprocess(build_config({"raw_dir": str(raw), "processed_dir": str(processed),
+                                        "workers": cfg.workers}), progress=False)
+    train_command = script_command("train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1",
+                                                f"--max_steps={TORCHRUN_STEPS}"], overrides, train_script.CONFIG_KEYS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_command[1:]]
+    code, seconds, _, output = run_command(command, timeout=STEP_TIMEOUT_S)
+    ok = code == 0 and (run / "last.pt").is_file()
+    print(f"torchrun, 1 GPU, {TORCHRUN_STEPS} steps: {'ok' if ok else f'FAILED (exit {code})'} in {seconds:.1f} s",
+          flush=True)
+    results = {"torchrun_ok": ok, "torchrun_seconds": seconds}
+    if not ok:
+        check(code or 1, output, "torchrun train.py")
+    for tta in (False, True):
+        code, seconds, _, output = run_command(script_command(
+            "predict.py", [f"--checkpoint={run / 'last.pt'}", f"--raw_dir={raw}", f"--processed_dir={processed}",
+                           f"--out_dir={folder / 'predict'}", *(["--tta"] if tta else [])],
+            overrides, predict_script.CONFIG_KEYS), timeout=STEP_TIMEOUT_S)
+        check(code, output, "predict.py")
+        results["predict_tta" if tta else "predict"] = DEMO_TEST / seconds
+        print(f"predict.py{' --tta' if tta else ''}: {DEMO_TEST} PNGs in {seconds:.1f} s, "
+              f"{DEMO_TEST / seconds:.0f} img/s", flush=True)
+    return results
+
+
+def gpu_table(results, title):
+    """The Markdown table of one bench.py gpu run; results as bench_gpu gathers them."""
+    tests = results["tests"]
+    counts = ", ".join(f"{tests.get(word, 0)} {word}" for word in ("passed", "failed", "skipped", "errors"))
+    tests_pass = tests["exit"] == 0 and tests.get("passed", 0) > 0
+    model, tta_model = results["model_inference"], results["model_inference"] / 8
+    rows = [
+        ("CUDA tests (`pytest -q -k cuda tests/`)", f"{counts}, exit {tests['exit']} ({tests['seconds']:.0f} s)",
+         f"all pass: {'met' if tests_pass else 'NOT met'}"),
+        (f"training, model only ({results['best']})", f"{results['train_model']:,.0f} img/s", ""),
+        ("training, full pipeline (gather + augment + step)", f"{results['train_pipeline']:,.0f} img/s",
+         f"≥ 0.95 × model only: {results['train_pipeline'] / results['train_model']:.2f}"),
+        (f"inference, model only ({results['inference_numerics']}, batch {INFERENCE_BATCH})", f"{results['inference']:,.0f} img/s", ""),
+        ("one 61,578-image epoch (timed)", f"{results['epoch_seconds']:.2f} s",
+         f"< {TARGET_EPOCH_S} s on one H100: {'met' if results['epoch_seconds'] < TARGET_EPOCH_S else 'NOT met'}"),
+        (f"predict.py, {DEMO_TEST:,} PNGs", f"{results['predict']:,.0f} img/s",
+         f"≥ 0.9 × model only ({model:,.0f} img/s): {results['predict'] / model:.2f}"),
+        (f"predict.py --tta, {DEMO_TEST:,} PNGs", f"{results['predict_tta']:,.0f} img/s",
+         f"≥ 0.9 × model only / 8 ({tta_model:,.0f} img/s): {results['predict_tta'] / tta_model:.2f}"),
+        (f"torchrun, 1 GPU, {TORCHRUN_STEPS} steps of train.py", f"{'ok' if results['torchrun_ok'] else 'FAILED'} in "
+         f"{results['torchrun_seconds']:.1f} s", "succeeds"),
+        ("the whole check", f"{results['total_seconds']:.0f} s",
+         f"< {TARGET_TOTAL_S // 60} min: {'met' if results['total_seconds'] < TARGET_TOTAL_S else 'NOT met'}"),
+    ]
+    lines = [title, "", "| check | result | goal |", "|---|---|---|"]
+    lines += [f"| {check_name} | {result} | {goal} |" for check_name, result, goal in rows]
+    return "\n".join(lines)
+
+
+def bench_gpu(cfg, overrides):
+    if not torch.cuda.is_available():
+        sys.exit(NO_GPU)
+    started = time.perf_counter()
+    device = torch.device("cuda")
+    cfg.device = "cuda"
+    results = {"tests": cuda_tests()}
+    train = bench_train(cfg, {**overrides, "device": "cuda"})
+    results.update(train_model=train["model"], train_pipeline=train["pipeline"], best=numerics_name(*train["best"]),
+                   inference=train["inference"][train["auto_inference"]],
+                   inference_numerics=numerics_name(*train["auto_inference"]), epoch_seconds=train["epoch_seconds"])
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as folder:
+        results.update(torchrun_and_predict(cfg, {**overrides, "device": "cuda"}, Path(folder)))
+    # at predict.py's own batch size and numerics, so the ratio is the cost of reading the images alone
+    results["model_inference"] = model_only_rate(cfg, device, 16_384, tta=False)
+    results["total_seconds"] = time.perf_counter() - started
+    title = (f"### `python bench.py gpu` — {machine_name(device)}, {datetime.date.today()}, "
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print()
+    print(gpu_table(results, title))

@@ -1,0 +1,86 @@
+"""bench.py scale (the Kaggle-sized rehearsal, at a tiny scale) and bench.py gpu's CPU-side parts:
+the no-GPU error and its table."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pandas as pd
+import pytest
+import torch
+
+from bench_gpu import NO_GPU, gpu_table
+from bench_scale import build_kaggle_zips
+from helpers import REPO, run_script
+
+
+def test_build_kaggle_zips_repeats_the_source_in_kaggles_layout(demo_raw, tmp_path):
+    sources = build_kaggle_zips(demo_raw, tmp_path, 250, 40, first_id=100_000)
+    assert sources == {"train": 96, "test": 16}   # conftest's demo set
+    with zipfile.ZipFile(tmp_path / "images_training_rev1.zip") as archive:
+        infos = archive.infolist()
+        assert [info.filename for info in infos] == [f"images_training_rev1/{100_000 + i}.jpg" for i in range(250)]
+        assert {info.compress_type for info in infos} == {zipfile.ZIP_STORED}
+        # the 97th image repeats the first source JPEG
+        assert archive.read(infos[96]) == archive.read(infos[0]) != archive.read(infos[1])
+    with zipfile.ZipFile(tmp_path / "images_test_rev1.zip") as archive:
+        assert archive.namelist() == [f"images_test_rev1/{100_250 + i}.jpg" for i in range(40)]
+    with zipfile.ZipFile(tmp_path / "training_solutions_rev1.zip") as archive:
+        assert archive.namelist() == ["training_solutions_rev1.csv"]
+        with archive.open("training_solutions_rev1.csv") as f:
+            labels = pd.read_csv(f)
+    assert labels["GalaxyID"].tolist() == list(range(100_000, 100_250))
+    assert len(labels.columns) == 38
+    # each image keeps its source's label row
+    assert labels.iloc[96, 1:].tolist() == labels.iloc[0, 1:].tolist()
+
+
+def test_scale_rehearsal_runs_every_step_and_leaves_nothing(demo_raw, tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}   # the bench's temporary folder goes here
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "scale", "--scale=0.002", f"--raw_dir={demo_raw}",
+                             "--batch_size=16", "--workers=2", "--threads=1", "--amp=false", "--channels_last=false",
+                             "--image_size=32"],
+                            cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "123 + 160 images" in out
+    table = out[out.index("### `python bench.py scale --scale=0.002`"):]
+    for row in ("| build Kaggle's zips (123 + 160 JPEGs from 96 + 16)", "| preprocess.py (283 images from the zips)",
+                "| train.py: start-up, labels", "| train.py: 6 steps of 16", "| predict.py (160 test PNGs)",
+                "| predict.py --tta (160 test PNGs)", "| model only:"):
+        assert row in table, row
+    assert "one epoch (96 images) ≈" in out
+    assert not list(tmp_path.glob("bench_scale_*"))   # the temporary folder is gone (torch may leave its own)
+
+
+def test_scale_must_be_positive():
+    result = run_script("bench.py", "scale", "--scale=0")
+    assert result.returncode == 1 and result.stderr.strip() == "error: impossible config: scale must be positive, e.g. --scale=0.1"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_gpu_bench_without_a_gpu_is_a_one_line_error():
+    result = run_script("bench.py", "gpu")
+    assert result.returncode == 1
+    assert result.stderr == NO_GPU + "\n" and not result.stdout
+    assert NO_GPU == "error: bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False)"
+
+
+def test_gpu_table_formats_a_run():
+    # made-up numbers, only to check the formatting: the real ones come from a GPU run
+    results = {"tests": {"passed": 1, "errors": 0, "exit": 0, "seconds": 31.2}, "train_model": 52_000.4,
+               "train_pipeline": 50_000.0, "best": "bf16 channels_last", "inference": 200_000.0,
+               "inference_numerics": "bf16 channels_last", "epoch_seconds": 1.25, "predict": 9_000.0,
+               "predict_tta": 4_000.0, "model_inference": 100_000.0, "torchrun_ok": True,
+               "torchrun_seconds": 12.34, "total_seconds": 190.0}
+    lines = gpu_table(results, "### title").splitlines()
+    assert lines[:4] == ["### title", "", "| check | result | goal |", "|---|---|---|"]
+    assert "| CUDA tests (`pytest -q -k cuda tests/`) | 1 passed, 0 failed, 0 skipped, 0 errors, exit 0 (31 s) " \
+           "| all pass: met |" in lines
+    assert "| training, full pipeline (gather + augment + step) | 50,000 img/s | ≥ 0.95 × model only: 0.96 |" in lines
+    assert "| one 61,578-image epoch (timed) | 1.25 s | < 10 s on one H100: met |" in lines
+    assert "| predict.py, 5,000 PNGs | 9,000 img/s | ≥ 0.9 × model only (100,000 img/s): 0.09 |" in lines
+    assert "| predict.py --tta, 5,000 PNGs | 4,000 img/s | ≥ 0.9 × model only / 8 (12,500 img/s): 0.32 |" in lines
+    assert "| torchrun, 1 GPU, 20 steps of train.py | ok in 12.3 s | succeeds |" in lines
+    assert "| the whole check | 190 s | < 8 min: met |" in lines
+    assert len(lines) == 4 + 9
