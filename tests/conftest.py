@@ -40,7 +40,7 @@ def demo_raw(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_processed(demo_raw):
     cfg = build_config({"raw_dir": str(demo_raw), "processed_dir": str(demo_raw.parent / "processed"),
-                        "workers": 2})
+                        "workers": 2, "crop": "roi"})
     preprocess.preprocess(cfg, progress=False)
     return cfg
 
