@@ -16,7 +16,8 @@ import torch
 
 from config import Config
 from helpers import one_line_error, run_train, same_weights, save_checkpoint, weights
-from train import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, make_optimizer
+from runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
+from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
