@@ -18,7 +18,8 @@ import pandas as pd
 from PIL import Image
 
 from dataset import LABEL_COLUMNS, QUESTIONS, atomic_write, temp_name
-from preprocess import SOLUTIONS, SPLIT_FOLDERS, run_pool
+from labels import SOLUTIONS
+from preprocess import SPLIT_FOLDERS, run_pool
 
 DEMO_MARKER = "synthetic_demo.json"   # says a folder is ours to (re)write
 DEMO_SIDE = 424

@@ -175,7 +175,7 @@ def load_crops(task):
             crops.append(np.asarray(crop_galaxy(data, group["cfg"])[0], np.uint8))
     except BadImage as err:
         return name, None, str(err)
-    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile) as err:   # corrupt or truncated files
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, DataError) as err:   # corrupt, truncated
         return name, None, f"unreadable file: {type(err).__name__}: {err}"
     except Exception as err:   # one bad image must never end a run, whatever it raises
         return name, None, preprocess.unexpected_error(err)

@@ -25,6 +25,7 @@ import torch
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+import labels
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
@@ -76,9 +77,9 @@ def true_vote_fractions(cfg, galaxy_id):
         label_ids, vote_fractions = read_labels(cfg.processed_dir)
         if galaxy_id in label_ids:
             return vote_fractions[np.flatnonzero(label_ids == galaxy_id)[0]]
-    labels, _, _ = preprocess.read_labels(cfg.raw_dir)
-    if labels is not None and galaxy_id in labels.index:
-        return labels.loc[galaxy_id, LABEL_COLUMNS].to_numpy(np.float32)
+    solutions, _, _ = labels.read_labels(cfg.raw_dir)
+    if solutions is not None and galaxy_id in solutions.index:
+        return solutions.loc[galaxy_id, LABEL_COLUMNS].to_numpy(np.float32)
     return None
 
 

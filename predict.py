@@ -206,17 +206,17 @@ def main():
     try:
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
         # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there
-        lock = lock_folder(cfg.out_dir, "predict.py", ".predict.lock")  # held until the process exits
-        paths = resolve_checkpoints(cfg.checkpoint, cfg.out_dir)
-        members, groups = load_members(paths, resolve_device(cfg.device))
-        if cfg.images:
-            predict_images(cfg, members, groups)
-        elif cfg.split == "kaggle":
-            predict_kaggle(cfg, members, groups)
-        elif cfg.split == "all":
-            embed_all(cfg, members, groups)
-        else:
-            evaluate_split(cfg, members, groups)
+        with lock_folder(cfg.out_dir, "predict.py", ".predict.lock"):
+            paths = resolve_checkpoints(cfg.checkpoint, cfg.out_dir)
+            members, groups = load_members(paths, resolve_device(cfg.device))
+            if cfg.images:
+                predict_images(cfg, members, groups)
+            elif cfg.split == "kaggle":
+                predict_kaggle(cfg, members, groups)
+            elif cfg.split == "all":
+                embed_all(cfg, members, groups)
+            else:
+                evaluate_split(cfg, members, groups)
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from config import build_config
 from conftest import REPO
 from dataset import DataError
 from helpers import one_line_error, run_script, without_root_powers
+from labels import read_labels
 
 
 def run(cfg_overrides):
@@ -102,7 +103,7 @@ def test_label_rows_with_too_many_fields_or_huge_ids_are_skipped_by_line(demo_ra
     lines[6] = huge + lines[6][lines[6].index(","):]
     lines[8] = lines[8].replace(",", ",x", 1)           # a value that is no number, after the skipped rows
     csv.write_text("\n".join(lines) + "\n")
-    labels, skipped, _ = preprocess.read_labels(raw)
+    labels, skipped, _ = read_labels(raw)
     by_line = {record["file"]: (str(record["galaxy_id"]), record["reason"].split(":")[0]) for record in skipped}
     assert by_line == {"training_solutions_rev1.csv line 2": (lines[1].split(",")[0], "too many fields in labels row"),
                        "training_solutions_rev1.csv line 5": (lines[4].split(",")[0], "too many fields in labels row"),
@@ -113,7 +114,7 @@ def test_label_rows_with_too_many_fields_or_huge_ids_are_skipped_by_line(demo_ra
 
     csv.write_text("\n".join(lines[:3]) + '\n1,"unterminated\n')
     with pytest.raises(DataError, match=r"cannot read .*training_solutions_rev1\.csv \(") as error:
-        preprocess.read_labels(raw)
+        read_labels(raw)
     assert "\n" not in str(error.value)
 
 

@@ -16,7 +16,8 @@ import torch
 
 from config import Config
 from helpers import one_line_error, run_train, same_weights, save_checkpoint, weights
-from train import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, make_optimizer
+from runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
+from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +135,7 @@ def test_members_train_resume_and_skip_with_one_command(data_args, tmp_path):
 def test_second_run_into_a_locked_out_dir_fails_fast_until_the_holder_dies(data_args, tmp_path):
     holder = start_train(*data_args, "--epochs=50", f"--out_dir={tmp_path}")
     try:
-        wait_for(lambda: "train.py" in ((tmp_path / ".lock").read_text() if (tmp_path / ".lock").exists() else ""),
+        wait_for(lambda: str(holder.pid) in ((tmp_path / ".lock").read_text() if (tmp_path / ".lock").exists() else ""),
                  holder)
         second = run_train(*data_args, f"--out_dir={tmp_path}", check=False)
         assert f"is in use by another train.py (PID {holder.pid})" in one_line_error(second)

@@ -1,0 +1,185 @@
+"""A run's folder and its life: the config a run gets (its saved config as the base on --resume),
+what --resume may change, --init_from's weights, the out_dir lock, writing checkpoints, a missing
+best.pt given back, and an ensemble's members trained one train.py process after another."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import preprocess
+from config import build_config, config_from_dict
+from crop import CROP_KEYS
+from dataset import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
+from model import CheckpointError, read_checkpoint
+
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # each member runs it
+# tests only: seconds each checkpoint lingers under its temporary name, so a kill can land mid-write
+SAVE_DELAY = float(os.environ.get("TRAIN_TEST_SAVE_DELAY", "0"))
+
+# --resume may change these; what each does is in README.md ("Resuming, extending, fine-tuning")
+CHANGEABLE_ON_RESUME = (
+    "epochs", "lr",                                   # the lr schedule is re-planned from the current step
+    "max_steps", "threads", "workers", "device", "amp", "channels_last",   # how, not what, it computes
+    "out_dir", "processed_dir",                       # checked: the same galaxies (split.csv) and crop keys
+    "resume", "members", "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",   # not read by a resumed run
+    "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
+    "scale",                                          # bench.py only
+)
+# ... and not these: they define what is trained, so a change would make one run of two halves
+FIXED_ON_RESUME = (
+    "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "output", "dropout",
+    "weight_decay", "init_from", *CROP_KEYS,
+    "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness",
+)
+
+
+def parse_config(overrides):
+    """(the run's Config, last.pt's contents on --resume else None). On --resume the saved
+    config is the base and the command line overrides it, so `python train.py --resume` alone
+    continues the same run; check_resume refuses the overrides that cannot apply mid-run."""
+    cfg = build_config(overrides)
+    checkpoint = None
+    if cfg.resume:
+        if "init_from" in overrides:
+            raise ValueError("--init_from starts a new run and --resume continues one; pass only one of them")
+        path = os.path.join(cfg.out_dir, "last.pt")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"--resume: {path} not found; train without --resume first, "
+                                  f"or point --out_dir at the run to continue")
+        checkpoint = read_checkpoint(path)
+        saved = config_from_dict(checkpoint["config"]).to_dict()
+        cfg = build_config({**saved, **overrides, "out_dir": cfg.out_dir})   # the run is where last.pt is
+    cfg = adopt_crop_settings(cfg, overrides)
+    if checkpoint is not None:
+        check_resume(cfg, checkpoint)
+    return cfg, checkpoint
+
+
+def adopt_crop_settings(cfg, overrides):
+    """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
+    records how its inputs were really made and predict.py crops raw JPEGs the same way. A crop
+    key asked for on the command line that the PNGs were not made with is an error."""
+    for key, value in preprocess.crop_settings(cfg.processed_dir).items():
+        if key not in CROP_KEYS:
+            continue
+        value = type(getattr(cfg, key))(value)
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--{key}={overrides[key]} but the PNGs in {cfg.processed_dir} were made with "
+                             f"{key}={value}; re-run `python preprocess.py --{key}={overrides[key]} "
+                             f"--processed_dir=...` into another folder, or drop --{key}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def check_resume(cfg, checkpoint):
+    """ValueError unless cfg can continue checkpoint's run: no FIXED_ON_RESUME key changed, and
+    epochs not below the epochs done (or started)."""
+    saved = config_from_dict(checkpoint["config"])
+    changed = [f"{key} {getattr(saved, key)} -> {getattr(cfg, key)}"
+               for key in FIXED_ON_RESUME if getattr(saved, key) != getattr(cfg, key)]
+    if changed:
+        crop_note = (" (crop keys follow the PNGs' preprocess.json)"
+                     if any(change.split()[0] in CROP_KEYS for change in changed) else "")
+        raise ValueError(f"--resume cannot change {', '.join(changed)}{crop_note}: they define the run in "
+                         f"{cfg.out_dir}; drop them, or start a new run with another --out_dir "
+                         f"(--init_from={os.path.join(cfg.out_dir, 'last.pt')} starts one from its weights)")
+    started = checkpoint["epoch"] + (1 if checkpoint["step_in_epoch"] else 0)
+    if cfg.epochs < started:
+        where = f"is in epoch {started}" if checkpoint["step_in_epoch"] else f"has done {started} epochs"
+        raise ValueError(f"--epochs={cfg.epochs} but the run in {cfg.out_dir} {where}; pass "
+                         f"--epochs={started} or more (to extend it), or a new --out_dir")
+
+
+def run_is_complete(cfg, checkpoint):
+    return checkpoint["epoch"] >= cfg.epochs and not checkpoint["step_in_epoch"]
+
+
+def read_init_weights(cfg):
+    """The weights of --init_from's checkpoint, checked to fit this run's model."""
+    checkpoint = read_checkpoint(cfg.init_from)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"--init_from={cfg.init_from} has no model/config; it was not written by train.py")
+    saved = config_from_dict(checkpoint["config"])
+    if (saved.image_size, saved.output) != (cfg.image_size, cfg.output):
+        raise CheckpointError(f"--init_from={cfg.init_from} holds a model for image_size {saved.image_size}, "
+                              f"output {saved.output}, not image_size {cfg.image_size}, output {cfg.output}; "
+                              f"start from a checkpoint of the same shape")
+    return checkpoint["model"]
+
+
+def save_checkpoint(path, state):
+    def write(tmp):
+        torch.save(state, tmp)
+        time.sleep(SAVE_DELAY)
+    atomic_write(path, write)
+
+
+def repair_best(cfg, checkpoint):
+    """Give a run whose best.pt is missing one again, so neither --resume nor predict.py is stuck.
+
+    train.py writes best.pt before last.pt, so this only meets runs from before that rule or a
+    best.pt deleted by hand. last.pt's weights at an epoch's end are the best still on disk;
+    mid-epoch there are none, and the end of this epoch writes best.pt.
+    """
+    path = os.path.join(cfg.out_dir, "best.pt")
+    if os.path.isfile(path) or not checkpoint["history"]:
+        return
+    if checkpoint["step_in_epoch"]:
+        checkpoint["best_val_rmse"] = math.inf
+        print(f"{path} is missing: the end of this epoch writes it")
+        return
+    checkpoint["best_val_rmse"] = checkpoint["history"][-1]["val_rmse"]
+    save_checkpoint(path, checkpoint)
+    print(f"{path} was missing: wrote last.pt's weights (epoch {checkpoint['epoch']}) as best.pt")
+
+
+def claim_out_dir(out_dir):
+    """Lock out_dir for this run (one-line error if another run holds it or it cannot be written)
+    and delete the temporary files killed runs left there. Returns the lock, to be kept open."""
+    writable_folder(out_dir, "out_dir")
+    lock = lock_folder(out_dir, "train.py")
+    for name in remove_dead_temp_files(out_dir):
+        print(f"removed {os.path.join(out_dir, name)}, left by a killed run")
+    return lock
+
+
+def train_members(cfg, argv):
+    """Train an ensemble's members one after another, each a train.py process of its own in
+    out_dir/member_<k> with seed cfg.seed + k - 1 and the same split_seed (so the same val and test
+    galaxies). Re-running the same command resumes an unfinished member and skips finished ones."""
+    lock = claim_out_dir(cfg.out_dir)  # noqa: F841 (held open): one ensemble command at a time
+    passed = [arg for arg in argv if arg.split("=")[0] not in ("--members", "--out_dir", "--seed", "--resume")]
+    for k in range(1, cfg.members + 1):
+        member_dir = os.path.join(cfg.out_dir, f"member_{k}")
+        args = [*passed, f"--out_dir={member_dir}", f"--seed={cfg.seed + k - 1}", "--members=1"]
+        last = os.path.join(member_dir, "last.pt")
+        if os.path.isfile(last):
+            checkpoint = read_checkpoint(last)
+            if run_is_complete(cfg, checkpoint):
+                print(f"member {k}: done, skipped")
+                continue
+            # its weights are in last.pt now; --init_from is for starting a run only
+            args = [arg for arg in args if not arg.startswith("--init_from")] + ["--resume"]
+        print(f"member {k} of {cfg.members}: seed {cfg.seed + k - 1} -> {member_dir}", flush=True)
+        code = run_member([sys.executable, TRAIN_SCRIPT, *args])
+        if code:
+            print(f"member {k} stopped (exit {code}); run the same command again to continue")
+            return code
+    return 0
+
+
+def run_member(command):
+    """Run a member's train.py and return its exit code, passing it our SIGINT/SIGTERM once: in
+    its own session, so a terminal's Ctrl-C reaches it only through us (not twice)."""
+    member = subprocess.Popen(command, start_new_session=True)
+    forward = lambda signum, frame: member.send_signal(signum)  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return member.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
