@@ -228,7 +228,8 @@ def bench_train(cfg, overrides):
     print("| numerics | training, model only | inference | training vs fp32 NCHW | inference vs fp32 NCHW |")
     print("|---|---|---|---|---|")
     for candidate in benches:
-        print(f"| {numerics_name(*candidate)} | {train_rate[candidate]:.1f} img/s | {inference_rate[candidate]:.1f} img/s "
+        print(f"| {numerics_name(*candidate)} | {train_rate[candidate]:.1f} img/s "
+              f"| {inference_rate[candidate]:.1f} img/s "
               f"| {train_rate[candidate] / train_rate[reference]:.2f}x "
               f"| {inference_rate[candidate] / inference_rate[reference]:.2f}x |")
 
@@ -328,8 +329,9 @@ def _train_and_measure(name, overrides, out_dir):
     minutes = (time.perf_counter() - started) / 60
     metrics = pd.read_csv(Path(out_dir) / "metrics.csv")
     best = metrics["val_rmse"].idxmin()
-    row = {"run": name, "val_rmse": round(float(metrics["val_rmse"][best]), 4), "best_epoch": int(metrics["epoch"][best]),
-           "epochs": int(metrics["epoch"].iloc[-1]), "train_minutes": round(minutes, 1)}
+    row = {"run": name, "val_rmse": round(float(metrics["val_rmse"][best]), 4),
+           "best_epoch": int(metrics["epoch"][best]), "epochs": int(metrics["epoch"].iloc[-1]),
+           "train_minutes": round(minutes, 1)}
     tta_args = [f"--checkpoint={Path(out_dir) / 'best.pt'}", f"--processed_dir={overrides['processed_dir']}",
                 f"--out_dir={out_dir}", "--split=val", "--tta"]
     if _run_script("predict.py", tta_args):

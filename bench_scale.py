@@ -231,7 +231,8 @@ def scale_table(rows, title):
     lines = [title, "", "| step | wall time | throughput | peak RSS (largest process) | disk | target |",
              "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['step']} | {row['time']} | {row['rate']} | {row['rss']} | {row['disk']} | {row['target']} |")
+        lines.append(f"| {row['step']} | {row['time']} | {row['rate']} | {row['rss']} | {row['disk']} "
+                     f"| {row['target']} |")
     return "\n".join(lines)
 
 
@@ -276,7 +277,8 @@ def rehearse(cfg, overrides):
 
         progress, wall_started = TrainProgress(), time.time()
         code, seconds, rss, output = run_command(script_command(
-            "train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1", f"--max_steps={TRAIN_STEPS}"],
+            "train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1",
+                         f"--max_steps={TRAIN_STEPS}"],
             overrides, train_script.CONFIG_KEYS), on_output=progress)
         check(code, output, "train.py")
         cache = processed / "train_images.pt"   # dataset.load_images' cache, written once it is built
@@ -285,7 +287,8 @@ def rehearse(cfg, overrides):
             f"cache {_size(disk_used(cache))}", "report only")
         rate = progress.rate()
         steps = progress.points[-1][1] // cfg.batch_size if progress.points else 0
-        epoch = (f"one epoch ({progress.total:,} images) ≈ {progress.total / rate:.0f} s (estimated from {steps} steps)"
+        epoch = (f"one epoch ({progress.total:,} images) ≈ {progress.total / rate:.0f} s "
+                 f"(estimated from {steps} steps)"
                  if rate else f"too few steps ({steps}) to time")
         print(epoch)
         rows.append({"step": f"train.py: {steps} steps of {cfg.batch_size}, {TRAIN_STEPS} at most",
@@ -308,7 +311,8 @@ def rehearse(cfg, overrides):
             ratio = n_test / seconds / reference
             add(f"predict.py{' --tta' if tta else ''} ({n_test:,} test PNGs)", seconds, n_test, _rss(rss),
                 f"submission {_size(disk_used(out_dir))}",
-                f"≥ {TARGET_PREDICT_RATIO} × model only{' / 8' if tta else ''} ({reference:,.0f} img/s): {ratio:.2f}, "
+                f"≥ {TARGET_PREDICT_RATIO} × model only{' / 8' if tta else ''} "
+                f"({reference:,.0f} img/s): {ratio:.2f}, "
                 f"{_verdict(ratio >= TARGET_PREDICT_RATIO, cfg.scale)}")
         rows.append({"step": f"model only: predict_views on in-memory uint8, batch {cfg.batch_size}", "time": "",
                      "rate": f"{model_rate:,.0f} img/s", "rss": "", "disk": "", "target": "the reference above"})

@@ -36,7 +36,7 @@ class Config:
 
     # --- preprocessing -----------------------------------------------------
     image_size: int = 64          # side of the square PNG fed to the network
-    crop: str = "center"          # center: fixed central square (led roi by 0.004 val RMSE over 2 seeds); roi: box around the central galaxy
+    crop: str = "center"          # center: fixed central square (led roi by 0.004 val RMSE, 2 seeds); roi: galaxy's box
     roi_threshold: float = 0.1    # fraction of the central brightness above the sky that counts as galaxy
     roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
     roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
@@ -58,7 +58,7 @@ class Config:
 
     # --- model -------------------------------------------------------------
     output: str = "tree"          # tree: obey the decision tree; sigmoid: 37 independent outputs (the seed's)
-    dropout: float = 0.1          # after each hidden linear layer; the seed does not say, 0.5 underfits (benchmarks/ACCURACY.md)
+    dropout: float = 0.1          # after hidden linear layers; seed doesn't say, 0.5 underfits (benchmarks/ACCURACY.md)
 
     # --- training ----------------------------------------------------------
     device: str = "auto"          # auto (CUDA when present) | cpu | cuda
@@ -67,17 +67,17 @@ class Config:
     lr: float = 1e-3              # Adam's peak learning rate
     weight_decay: float = 0.0     # Adam's L2 penalty on the weights
     schedule: str = "onecycle"    # learning rate schedule: onecycle | cosine (after a warm-up) | constant
-    amp: str = "auto"             # bf16 autocast: auto (bf16 on CUDA; on a CPU the faster, timed at start-up) | true | false
+    amp: str = "auto"             # bf16 autocast: auto (CUDA: on; CPU: the faster, timed at start-up) | true | false
     channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
     resume: bool = False          # continue from out_dir/last.pt
-    init_from: str = ""           # a new run starting from this checkpoint's weights (fresh optimizer, schedule, epoch 0)
-    members: int = 1              # an ensemble: this many runs, seeds seed, seed+1, ..., in out_dir/member_1, member_2, ...
+    init_from: str = ""           # a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)
+    members: int = 1              # ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...
     max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
     threads: int = 0              # torch CPU threads (0 = torch's default)
 
     # --- evaluation and prediction -----------------------------------------
-    checkpoint: str = ""          # .pt file, run folder (best.pt or member_*/best.pt), glob or comma list; several = ensemble
-    split: str = "kaggle"         # predict.py: kaggle (the unlabelled test set) | test | val | all (every galaxy, with --embed)
+    checkpoint: str = ""          # .pt file, run folder (best.pt or member_*/best.pt), glob or comma list; 2+: ensemble
+    split: str = "kaggle"         # predict.py: kaggle (unlabelled test) | test | val | all (every galaxy, with --embed)
     tta: bool = False             # average over the 8 rotations/flips
     images: str = ""              # predict.py: predict these image files instead (a folder, a glob or one file)
     embed: bool = False           # predict.py: also write each galaxy's 2048 penultimate features (embeddings.npy)

@@ -94,7 +94,8 @@ def roi_box(gray, cfg, scale=1.0):
     border = max(1, min(height, width) // 16)
     edges = np.sort(np.concatenate([smooth[:border].ravel(), smooth[-border:].ravel(),
                                     smooth[:, :border].ravel(), smooth[:, -border:].ravel()]))
-    sky = (float(edges[(len(edges) - 1) // 2]) + float(edges[len(edges) // 2])) / 2   # their median, 3x faster than np.median
+    # their median, 3x faster than np.median
+    sky = (float(edges[(len(edges) - 1) // 2]) + float(edges[len(edges) // 2])) / 2
     cy, cx = height // 2, width // 2
     reach = max(1, min(height, width) // 16)   # the galaxy's peak may sit a little off centre
     centre = float(smooth[cy - reach:cy + reach + 1, cx - reach:cx + reach + 1].max())
@@ -164,7 +165,8 @@ def to_rgb(image):
     if mode in ("1", "L", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         return image.convert("RGB")
     if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA")).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)),
+                                     image.convert("RGBA")).convert("RGB")
     if mode.startswith("I;16") or mode in ("I", "F"):
         values = np.asarray(image, np.float64)
         finite = values[np.isfinite(values)]

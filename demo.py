@@ -115,7 +115,8 @@ def _render_demo(task):
         window, u, v, radius, disk = _sersic(grid, x0, y0, g["r_e"], 1.0, g["q"], g["angle"],
                                              g["peak"] * (1 - 0.6 * g["bulge"]))
         if g["arms"]:   # logarithmic spirals: brightness rises along theta = ln(r) / tan(pitch)
-            phase = g["arms"] * (np.arctan2(v, u) - np.log(radius / g["r_e"] + 1e-3) / math.tan(math.radians(g["pitch"])))
+            phase = g["arms"] * (np.arctan2(v, u)
+                                 - np.log(radius / g["r_e"] + 1e-3) / math.tan(math.radians(g["pitch"])))
             disk *= 1 + 0.8 * np.cos(phase) * np.clip(radius / g["r_e"] - 0.3, 0, 1)
         add(window, disk, blue)
         if g["bar"]:

@@ -249,7 +249,8 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
     empty = np.zeros((0, NUM_OUTPUTS), np.float32)
     return EnsemblePrediction(
         names=names, mean=np.concatenate(means) if means else empty, std=np.concatenate(stds) if stds else empty,
-        members=np.concatenate(member_means, 1) if member_means else np.zeros((len(members), 0, NUM_OUTPUTS), np.float32),
+        members=(np.concatenate(member_means, 1) if member_means
+                 else np.zeros((len(members), 0, NUM_OUTPUTS), np.float32)),
         features=(np.concatenate(features) if features else np.zeros((0, 0), np.float16)) if embed else None,
         skipped=skipped, views=len(members) * (8 if cfg.tta else 1))
 

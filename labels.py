@@ -55,7 +55,8 @@ def read_labels(raw_dir):
         raise DataError(f"{path} lacks the columns {', '.join(missing)}; "
                         f"it should be Kaggle's {SOLUTIONS}.csv (GalaxyID, Class1.1 ... Class11.6)")
 
-    skipped = [skip_record("train", galaxy_id, f"{file_name} line {line}", reason) for line, galaxy_id, reason in long_rows]
+    skipped = [skip_record("train", galaxy_id, f"{file_name} line {line}", reason)
+               for line, galaxy_id, reason in long_rows]
     ids, bad_id = _galaxy_ids(table["GalaxyID"])
     # read_csv parsed every clean column as numbers; one holding any text comes as strings, whose
     # unparsable cells become NaN here (parsing all 37 columns as text first took 4x as long)

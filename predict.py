@@ -108,7 +108,8 @@ def predict_kaggle(cfg, members, groups):
     result = predict_ensemble(members, groups, tasks, cfg, use_png, embed=cfg.embed)
     # what preprocess.py skipped and nothing here could retry (no raw image) is reported as well
     task_ids = {gid for gid, _ in tasks}
-    skipped = [row for row in preprocess_skipped(cfg.processed_dir) if not row[0].isdigit() or int(row[0]) not in task_ids]
+    skipped = [row for row in preprocess_skipped(cfg.processed_dir)
+               if not row[0].isdigit() or int(row[0]) not in task_ids]
     skipped += result.skipped
     if not result.names:
         raise DataError("no test image could be read; nothing to submit")

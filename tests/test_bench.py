@@ -55,7 +55,8 @@ def test_scale_rehearsal_runs_every_step_and_leaves_nothing(demo_raw, tmp_path):
 
 def test_scale_must_be_positive():
     result = run_script("bench.py", "scale", "--scale=0")
-    assert result.returncode == 1 and result.stderr.strip() == "error: impossible config: scale must be positive, e.g. --scale=0.1"
+    assert result.returncode == 1 and result.stderr.strip() == ("error: impossible config: "
+                                                                 "scale must be positive, e.g. --scale=0.1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
@@ -77,7 +78,8 @@ def test_gpu_table_formats_a_run():
     assert lines[:4] == ["### title", "", "| check | result | goal |", "|---|---|---|"]
     assert "| CUDA tests (`pytest -q -k cuda tests/`) | 1 passed, 0 failed, 0 skipped, 0 errors, exit 0 (31 s) " \
            "| all pass: met |" in lines
-    assert "| training, full pipeline (gather + augment + step) | 50,000 img/s | ≥ 0.95 × model only: 0.96 |" in lines
+    assert ("| training, full pipeline (gather + augment + step) | 50,000 img/s "
+            "| ≥ 0.95 × model only: 0.96 |" in lines)
     assert "| one 61,578-image epoch (timed) | 1.25 s | < 10 s on one H100: met |" in lines
     assert "| predict.py, 5,000 PNGs | 9,000 img/s | ≥ 0.9 × model only (100,000 img/s): 0.09 |" in lines
     assert "| predict.py --tta, 5,000 PNGs | 4,000 img/s | ≥ 0.9 × model only / 8 (12,500 img/s): 0.32 |" in lines

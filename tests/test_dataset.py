@@ -165,7 +165,8 @@ def test_dead_processes_temp_files_are_removed_live_ones_kept(tmp_path):
 
 def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dataset import lock_folder; "
-                               f"lock_folder({str(tmp_path)!r}, 'train.py'); print('locked', flush=True); time.sleep(60)"],
+                               f"lock_folder({str(tmp_path)!r}, 'train.py'); "
+                               "print('locked', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(DataError, match=fr"in use by another train.py \(PID {holder.pid}\)"):

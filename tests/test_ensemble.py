@@ -116,7 +116,8 @@ def test_split_report_has_members_and_spread(ensemble, tmp_path, monkeypatch, ca
     assert members.loc["ensemble", "rmse"] <= member_rmse.max() + 1e-6   # the mean is never worse than both
     assert (tmp_path / "spread_test.png").stat().st_size > 10_000
     spread = pd.read_csv(tmp_path / "spread_test.csv")
-    assert spread["galaxies"].sum() == len(pd.read_csv(ensemble["paths"][0].parent / "split.csv").query("split == 'test'"))
+    assert spread["galaxies"].sum() == len(
+        pd.read_csv(ensemble["paths"][0].parent / "split.csv").query("split == 'test'"))
 
 
 def test_plot_image_with_two_checkpoints(ensemble, tmp_path, monkeypatch):

@@ -289,9 +289,9 @@ def test_truncated_test_png_is_skipped_and_reported(demo, tmp_path, monkeypatch,
     shutil.copytree(demo["processed_dir"], processed)
     png = sorted((processed / "test").glob("*.png"))[0]
     png.write_bytes(png.read_bytes()[:300])
-    monkeypatch.setattr(sys, "argv", ["predict.py", f"--checkpoint={demo['checkpoint']}", f"--processed_dir={processed}",
-                                      f"--raw_dir={demo['missing']}", f"--out_dir={tmp_path}", "--amp=false",
-                                      "--channels_last=false", *FAST])
+    monkeypatch.setattr(sys, "argv", ["predict.py", f"--checkpoint={demo['checkpoint']}",
+                                      f"--processed_dir={processed}", f"--raw_dir={demo['missing']}",
+                                      f"--out_dir={tmp_path}", "--amp=false", "--channels_last=false", *FAST])
     predict_main()
     assert f"skipped 1 unreadable test images (1 of them get the training mean in the submission): {png.stem}" \
         in capsys.readouterr().out

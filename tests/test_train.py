@@ -36,7 +36,8 @@ def test_training_writes_checkpoints_metrics_and_plot(full_run):
     labels = pd.read_csv(Path(checkpoint["config"]["processed_dir"]) / "labels.csv").set_index("GalaxyID")
     train_ids = split.loc[split["split"] == "train", "GalaxyID"]
     torch.testing.assert_close(checkpoint["train_mean"],
-                               torch.tensor(labels.loc[train_ids, LABEL_COLUMNS].to_numpy().mean(0), dtype=torch.float32))
+                               torch.tensor(labels.loc[train_ids, LABEL_COLUMNS].to_numpy().mean(0),
+                                            dtype=torch.float32))
 
 
 def test_same_seed_gives_the_same_losses_on_cpu(full_run, data_args, tmp_path):
@@ -140,9 +141,11 @@ def test_missing_or_unmatched_data_are_one_line_errors(tmp_path):
 
 def test_unwritable_out_dir_is_a_one_line_error_before_any_work(data_args, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    assert "is a file, not a folder" in one_line_error(run_train(*data_args, f"--out_dir={tmp_path / 'file'}", check=False))
+    assert "is a file, not a folder" in one_line_error(run_train(*data_args, f"--out_dir={tmp_path / 'file'}",
+                                                                 check=False))
     (tmp_path / "ro").mkdir(mode=0o555)
-    command = [*without_root_override(), sys.executable, str(REPO / "train.py"), *data_args, f"--out_dir={tmp_path / 'ro'}"]
+    command = [*without_root_override(), sys.executable, str(REPO / "train.py"), *data_args,
+               f"--out_dir={tmp_path / 'ro'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "cannot write into out_dir" in one_line_error(result) and "Permission denied" in result.stderr
 
