@@ -13,7 +13,7 @@ from helpers import blob, jpeg_bytes, sky_with_galaxies
 
 
 def test_roi_box_takes_the_central_galaxy_not_the_brighter_neighbour():
-    cfg = build_config({})
+    cfg = build_config({"crop": "roi"})
     left, top, right, bottom = crop.roi_box(sky_with_galaxies(), cfg)
     # above 10% of the peak the blob reaches 15 * sqrt(2 ln 10) = 32 px from its centre: side 64, padded 77
     assert abs((left + right) / 2 - 212) <= 3 and abs((top + bottom) / 2 - 212) <= 3
@@ -22,14 +22,14 @@ def test_roi_box_takes_the_central_galaxy_not_the_brighter_neighbour():
 
 
 def test_roi_box_on_a_reduced_frame_keeps_raw_pixel_units():
-    cfg = build_config({"roi_min_size": 200})
+    cfg = build_config({"crop": "roi", "roi_min_size": 200})
     gray = sky_with_galaxies()[::4, ::4]
     left, top, right, bottom = crop.roi_box(gray, cfg, scale=4)
     assert right - left == pytest.approx(50)   # 200 raw px = 50 px of the 1/4 frame
 
 
 def test_roi_box_with_a_dark_centre_takes_the_nearest_blob():
-    cfg = build_config({})
+    cfg = build_config({"crop": "roi"})
     image = 10 + blob(424, 212 + 18, 212, 4, 120) + blob(424, 60, 60, 6, 250)
     left, top, right, bottom = crop.roi_box(image, cfg)
     assert abs((left + right) / 2 - 230) <= 3 and right - left == pytest.approx(48)   # roi_min_size
@@ -57,14 +57,14 @@ def test_central_blob_is_the_same_as_labelling_the_whole_frame():
 
 
 def test_roi_box_is_shifted_inside_the_frame():
-    cfg = build_config({})
+    cfg = build_config({"crop": "roi"})
     image = 10 + blob(424, 212, 212, 150, 200)   # larger than the frame
     assert crop.roi_box(image, cfg) == (0, 0, 424, 424)
 
 
 def test_crop_galaxy_roi_and_center():
     data = jpeg_bytes(sky_with_galaxies())
-    cropped, box = crop.crop_galaxy(data, build_config({}))
+    cropped, box = crop.crop_galaxy(data, build_config({"crop": "roi"}))
     assert cropped.size == (64, 64) and cropped.mode == "RGB"
     assert abs((box[0] + box[2]) / 2 - 212) <= 3 and 65 <= box[2] - box[0] <= 90
     pixels = np.asarray(cropped.convert("L"), dtype=float)
@@ -82,7 +82,7 @@ def test_center_box_on_other_sizes():
 
 
 def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
-    cfg = build_config({})
+    cfg = build_config({"crop": "roi"})
     cropped, _ = crop.crop_galaxy(jpeg_bytes(sky_with_galaxies(), mode="L"), cfg)
     assert cropped.mode == "RGB"
     path = tmp_path / "galaxy.jpg"
@@ -97,7 +97,7 @@ def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
 
 @needs_real_sample
 def test_roi_boxes_on_the_real_sample():
-    cfg = build_config({})
+    cfg = build_config({"crop": "roi"})
     # the box is centred on the thresholded galaxy's extent, which arms, halos and touching
     # neighbours make lopsided: measured on this sample, the median offset is 6 px and 87% are
     # within 15 px of the frame centre; the brightest spot of 95% of the crops is near their centre

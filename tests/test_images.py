@@ -19,7 +19,7 @@ from dataset import LABEL_COLUMNS
 from helpers import blob, save_checkpoint
 from predict import main as predict_main
 
-CFG = Config(image_size=32, roi_min_size=24)
+CFG = Config(image_size=32, roi_min_size=24, crop="roi")
 SIDE = 96
 FAST = ["--workers=1", "--batch_size=4", "--amp=false", "--channels_last=false"]
 

@@ -22,7 +22,7 @@ from helpers import jpeg_bytes, sky_with_galaxies
 
 
 def run(cfg_overrides):
-    cfg = build_config({"workers": 2, **cfg_overrides})
+    cfg = build_config({"workers": 2, "crop": "roi", **cfg_overrides})
     return cfg, preprocess.preprocess(cfg, progress=False)
 
 
@@ -129,7 +129,9 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(demo_raw, tmp_path):
         copies.append(labels.assign(GalaxyID=[int(f"{copy}{galaxy_id}") for galaxy_id in labels.GalaxyID]))
     pd.concat([labels] + copies).to_csv(csv, index=False)
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "preprocess.py"), f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1"]
+    # crop=roi: its search makes each image slower than the fixed crop, so the run is long enough to interrupt
+    command = [sys.executable, str(REPO / "preprocess.py"), f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1",
+               "--crop=roi"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     while len(list((out / "train").glob("*.png"))) < 100:   # well under way
