@@ -132,8 +132,10 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(demo_raw, tmp_path):
     # crop=roi: its search makes each image slower than the fixed crop, so the run is long enough to interrupt
     command = [sys.executable, str(REPO / "preprocess.py"), f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1",
                "--crop=roi"]
+    # SIGINT back to its default in the child, as in a terminal: a suite started in the background
+    # (`cmd &` in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while len(list((out / "train").glob("*.png"))) < 100:   # well under way
         assert process.poll() is None, process.communicate()
         time.sleep(0.02)
