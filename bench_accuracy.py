@@ -1,0 +1,144 @@
+"""What each choice around the seed architecture is worth on real galaxies (python bench.py accuracy):
+every row of benchmarks/ACCURACY.md, trained from scratch through train.py and scored through
+predict.py, and the ensembles scored on the test split.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import preprocess
+from config import build_config
+from dataset import atomic_write
+
+# What each choice around the seed architecture is worth on real galaxies. Every row trains from
+# scratch on the real sample and is judged by its best validation RMSE. The rows spell out every
+# key the table varies, so they mean the same thing whatever config.py's defaults become.
+ROTATE_ZOOM_SHIFT = {"aug_rotate": 180.0, "aug_zoom": 0.1, "aug_shift": 0.03}
+NO_ROTATE_ZOOM_SHIFT = {"aug_rotate": 0.0, "aug_zoom": 0.0, "aug_shift": 0.0}
+SEED_SETTINGS = {"crop": "roi", "output": "sigmoid", "dropout": 0.5, **NO_ROTATE_ZOOM_SHIFT}
+STOP7_DEFAULTS = {"crop": "roi", "output": "tree", "dropout": 0.1, "epochs": 40, "lr": 1e-3, "batch_size": 64,
+                  "schedule": "onecycle", "aug_flips": True, **NO_ROTATE_ZOOM_SHIFT, "seed": 1337, "split_seed": 1337}
+FP32 = {"amp": "false", "channels_last": "false"}   # what the CPU ran before numerics "auto" (stop 8)
+ACCURACY_RUNS = [
+    ("seed settings (sigmoid, dropout 0.5), 15 epochs", {**SEED_SETTINGS, "epochs": 15}),
+    ("seed settings, 20 epochs", {**SEED_SETTINGS, "epochs": 20}),
+    ("tree head, dropout 0.5, 15 epochs", {**SEED_SETTINGS, "output": "tree", "epochs": 15}),
+    ("tree head, dropout 0.5, rotate/zoom/shift, 15 epochs",
+     {**SEED_SETTINGS, "output": "tree", **ROTATE_ZOOM_SHIFT, "epochs": 15}),
+    ("tree head, dropout 0.5, center crop, 15 epochs",
+     {**SEED_SETTINGS, "output": "tree", "crop": "center", "epochs": 15}),
+    ("tree head, dropout 0.25, 15 epochs", {**SEED_SETTINGS, "output": "tree", "dropout": 0.25, "epochs": 15}),
+    ("tree head, dropout 0.1, 15 epochs", {**SEED_SETTINGS, "output": "tree", "dropout": 0.1, "epochs": 15}),
+    ("sigmoid head, dropout 0.1, 15 epochs", {**SEED_SETTINGS, "dropout": 0.1, "epochs": 15}),
+    ("tree head, dropout 0.1, rotate/zoom/shift, 15 epochs",
+     {**SEED_SETTINGS, "output": "tree", "dropout": 0.1, **ROTATE_ZOOM_SHIFT, "epochs": 15}),
+    ("tree head, dropout 0.1, rotate/zoom/shift, 40 epochs",
+     {**SEED_SETTINGS, "output": "tree", "dropout": 0.1, **ROTATE_ZOOM_SHIFT, "epochs": 40}),
+    # stop 7's defaults: tree head, dropout 0.1, flips only, 40 epochs, ROI crop
+    ("defaults (ROI crop), fp32 NCHW", {**STOP7_DEFAULTS, **FP32}),
+    ("defaults (ROI crop) but lr 2e-3", {**STOP7_DEFAULTS, **FP32, "lr": 2e-3}),
+    ("defaults (ROI crop) but batch size 32", {**STOP7_DEFAULTS, **FP32, "batch_size": 32}),
+    ("defaults (ROI crop) but cosine schedule", {**STOP7_DEFAULTS, **FP32, "schedule": "cosine"}),
+    ("defaults but center crop, fp32 NCHW", {**STOP7_DEFAULTS, **FP32, "crop": "center"}),
+    # issue #9: the numerics amp=auto picks on this CPU (bf16 + channels_last on one with bf16 units)
+    ("ROI crop, numerics auto", {**STOP7_DEFAULTS}),
+    # issue #10: a second seed of each crop (split_seed stays 1337: the same val and test galaxies)
+    ("center crop, numerics auto", {**STOP7_DEFAULTS, "crop": "center"}),
+    ("ROI crop, numerics auto, seed 1", {**STOP7_DEFAULTS, "seed": 1}),
+    ("center crop, numerics auto, seed 1", {**STOP7_DEFAULTS, "crop": "center", "seed": 1}),
+]
+# Ensembles, scored on the test split with 8-fold TTA: each member is a row of its own crop and seed,
+# trained like the rows above (numerics auto) into accuracy/members/<crop>/member_<seed>/.
+ENSEMBLE_RUNS = [
+    ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
+    ("5 members, mixed: center seeds 1-3 + ROI seeds 1337 and 1", [("center", 1), ("center", 2), ("center", 3),
+                                                                   ("roi", 1337), ("roi", 1)]),
+]
+
+
+def _run_script(script, args):
+    """Run one of the project's scripts; True if it succeeded."""
+    command = [sys.executable, str(Path(__file__).parent / script), *args]
+    return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def _train_and_measure(name, overrides, out_dir):
+    """Train once through train.py's command line, then score best.pt on val with 8-fold TTA."""
+    args = [f"--{key}={value}" for key, value in {**overrides, "out_dir": out_dir}.items()]
+    started = time.perf_counter()
+    if not _run_script("train.py", args):
+        return {"run": name, "error": "train.py failed; rerun its command to see why"}
+    minutes = (time.perf_counter() - started) / 60
+    metrics = pd.read_csv(Path(out_dir) / "metrics.csv")
+    best = metrics["val_rmse"].idxmin()
+    row = {"run": name, "val_rmse": round(float(metrics["val_rmse"][best]), 4),
+           "best_epoch": int(metrics["epoch"][best]), "epochs": int(metrics["epoch"].iloc[-1]),
+           "train_minutes": round(minutes, 1)}
+    tta_args = [f"--checkpoint={Path(out_dir) / 'best.pt'}", f"--processed_dir={overrides['processed_dir']}",
+                f"--out_dir={out_dir}", "--split=val", "--tta"]
+    if _run_script("predict.py", tta_args):
+        evaluation = pd.read_csv(Path(out_dir) / "eval_val.csv")
+        row["val_rmse_tta"] = round(float(evaluation["model_rmse"][0]), 4)
+    return row
+
+
+def _processed_for(settings, cfg, results_dir):
+    """One processed folder per crop setting, made once and reused by every row that needs it."""
+    processed_dir = str(results_dir / f"data_{settings.crop}_{settings.image_size}")
+    preprocess.preprocess(build_config({**settings.to_dict(), "raw_dir": cfg.raw_dir, "processed_dir": processed_dir}),
+                          progress=False)
+    return processed_dir
+
+
+def _ensemble_row(name, members, cfg, overrides, results_dir):
+    """Train the members that are not trained yet, then score the ensemble on the test split with TTA,
+    beside its best and its mean member (predict.py's eval_test_members.csv)."""
+    paths = []
+    for crop, seed in members:
+        settings = build_config({**STOP7_DEFAULTS, **overrides, "crop": crop, "seed": seed})
+        processed_dir = _processed_for(settings, cfg, results_dir)
+        out_dir = results_dir / "members" / crop / f"member_{seed}"
+        if not (out_dir / "best.pt").is_file() or not _run_script("train.py", [f"--out_dir={out_dir}", "--resume"]):
+            args = {**STOP7_DEFAULTS, **overrides, "crop": crop, "seed": seed, "processed_dir": processed_dir,
+                    "out_dir": out_dir}
+            if not _run_script("train.py", [f"--{key}={value}" for key, value in args.items()]):
+                return {"run": name, "error": f"train.py failed for {out_dir}; rerun its command to see why"}
+        paths.append(str(out_dir / "best.pt"))
+    eval_dir = results_dir / name.replace(" ", "_").replace(",", "").replace(":", "").replace("+", "and")
+    args = [f"--checkpoint={','.join(paths)}", f"--processed_dir={processed_dir}", f"--raw_dir={cfg.raw_dir}",
+            "--split=test", "--tta", f"--out_dir={eval_dir}"]
+    if not _run_script("predict.py", args):
+        return {"run": name, "error": "predict.py failed; rerun its command to see why"}
+    rmse_of = dict(pd.read_csv(eval_dir / "eval_test_members.csv").itertuples(index=False))
+    best = next(value for model, value in rmse_of.items() if model.startswith("best member"))
+    return {"run": name, "test_rmse_tta": round(rmse_of["ensemble"], 4), "best_member_tta": round(best, 4),
+            "mean_member_tta": round(rmse_of["mean member"], 4)}
+
+
+def run_accuracy(cfg, overrides):
+    """Every row of ACCURACY_RUNS and ENSEMBLE_RUNS on the real sample; prints the markdown table
+    and saves it as CSV.
+
+    Overrides given on the command line apply to every row (e.g. --epochs=3 for a quick check).
+    """
+    results_dir = Path(cfg.out_dir) / "accuracy"
+    rows = []
+    for name, run_overrides in ACCURACY_RUNS:
+        settings = build_config({"raw_dir": cfg.raw_dir, **overrides, **run_overrides})
+        slug = name.replace(" ", "_").replace(",", "").replace("/", "-")
+        print(f"training: {name} ...", flush=True)
+        train_overrides = {**run_overrides, **overrides,
+                           "processed_dir": _processed_for(settings, cfg, results_dir)}
+        rows.append(_train_and_measure(name, train_overrides, results_dir / slug))
+        print(rows[-1], flush=True)
+    for name, members in ENSEMBLE_RUNS:
+        print(f"ensemble: {name} ...", flush=True)
+        rows.append(_ensemble_row(name, members, cfg, overrides, results_dir))
+        print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    atomic_write(results_dir / "accuracy.csv", lambda tmp: table.to_csv(tmp, index=False))
+    print(table.to_string(index=False))
+    print(f"saved {results_dir / 'accuracy.csv'}")
