@@ -62,7 +62,7 @@ def resolve_checkpoints(spec, out_dir="runs"):
 @dataclass
 class Member:
     path: str
-    checkpoint: dict     # as read by read_checkpoint (config, train_mean, ...)
+    train_mean: object   # the checkpoint's mean vote fractions of its train split (None before they were saved)
     model: torch.nn.Module
     cfg: object          # the Config it was trained with: its crop and image_size
     group: int = 0       # which of the ensemble's crop groups feeds it
@@ -85,7 +85,9 @@ def load_members(paths, device):
         if crop_key(cfg) not in keys:
             groups.append(cfg)
             keys.append(crop_key(cfg))
-        members.append(Member(path, checkpoint, model, cfg, keys.index(crop_key(cfg))))
+        # only train_mean is kept: the rest of the checkpoint (its optimizer state is twice the
+        # model's size) would stay in memory for the whole prediction, once per member
+        members.append(Member(path, checkpoint.get("train_mean"), model, cfg, keys.index(crop_key(cfg))))
     return members, groups
 
 

@@ -57,15 +57,16 @@ def write_submission(path, galaxy_ids, predictions):
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
 
 
-def fallback_prediction(checkpoint, processed_dir):
-    """The vote fractions given to a test galaxy whose image cannot be read, or None.
+def fallback_prediction(train_mean, processed_dir):
+    """The vote fractions given to a test galaxy whose image cannot be read, or None; train_mean is
+    what the checkpoint carries (Member.train_mean).
 
     Kaggle scores only a file with a row for every test galaxy, and the best guess without an
     image is the mean of the training split, which the checkpoint carries (older checkpoints
     lack it: then the mean of labels.csv).
     """
-    if checkpoint.get("train_mean") is not None:
-        return np.asarray(checkpoint["train_mean"], np.float32)
+    if train_mean is not None:
+        return np.asarray(train_mean, np.float32)
     try:
         return read_labels(processed_dir)[1].mean(0)
     except DataError:
@@ -95,7 +96,7 @@ def report_skipped(skipped, filled, path):
 
 def mean_fallback(members, processed_dir):
     """The members' fallback_prediction averaged (None if none has one)."""
-    fallbacks = [f for f in (fallback_prediction(m.checkpoint, processed_dir) for m in members) if f is not None]
+    fallbacks = [f for f in (fallback_prediction(m.train_mean, processed_dir) for m in members) if f is not None]
     return np.mean(fallbacks, axis=0) if fallbacks else None
 
 

@@ -110,11 +110,11 @@ def test_corrupt_test_jpegs_are_skipped_and_reported(demo, tmp_path):
 
 def test_fallback_is_the_checkpoints_mean_else_that_of_labels_csv(demo):
     train_mean = np.full(len(LABEL_COLUMNS), 0.25, np.float32)
-    assert np.array_equal(fallback_prediction({"train_mean": torch.from_numpy(train_mean)}, demo["missing"]),
+    assert np.array_equal(fallback_prediction(torch.from_numpy(train_mean), demo["missing"]),
                           train_mean)
-    np.testing.assert_allclose(fallback_prediction({}, demo["processed_dir"]),   # a checkpoint from before
+    np.testing.assert_allclose(fallback_prediction(None, demo["processed_dir"]),   # a checkpoint from before
                                read_labels(demo["processed_dir"])[1].mean(0))
-    assert fallback_prediction({"train_mean": None}, demo["missing"]) is None
+    assert fallback_prediction(None, demo["missing"]) is None
 
 
 def test_fill_skipped_adds_one_row_per_skipped_galaxy_id():
