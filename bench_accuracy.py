@@ -50,8 +50,15 @@ ACCURACY_RUNS = [
     ("ROI crop, numerics auto, seed 1", {**STOP7_DEFAULTS, "seed": 1}),
     ("center crop, numerics auto, seed 1", {**STOP7_DEFAULTS, "crop": "center", "seed": 1}),
 ]
-# Ensembles, scored on the test split with 8-fold TTA: each member is a row of its own crop and seed,
-# trained like the rows above (numerics auto) into accuracy/members/<crop>/member_<seed>/.
+# Ensemble members: the defaults (numerics auto) with one of these crops, and a seed. Each is
+# trained once into accuracy/members/<variant>/member_<seed>/ and shared by every ensemble naming it.
+MEMBER_VARIANTS = {
+    "center": {"crop": "center"},                               # 212 raw pixels, the default
+    "center160": {"crop": "center", "center_crop_size": 160},   # the central 160 px: the galaxy larger
+    "center280": {"crop": "center", "center_crop_size": 280},   # 280 px: more of the surroundings
+    "roi": {"crop": "roi"},                                     # the galaxy's own box
+}
+# Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
     ("5 members, mixed: center seeds 1-3 + ROI seeds 1337 and 1", [("center", 1), ("center", 2), ("center", 3),
@@ -87,7 +94,8 @@ def _train_and_measure(name, overrides, out_dir):
 
 def _processed_for(settings, cfg, results_dir):
     """One processed folder per crop setting, made once and reused by every row that needs it."""
-    processed_dir = str(results_dir / f"data_{settings.crop}_{settings.image_size}")
+    size = f"_{settings.center_crop_size}" if settings.crop == "center" else ""
+    processed_dir = str(results_dir / f"data_{settings.crop}{size}_{settings.image_size}")
     preprocess.preprocess(build_config({**settings.to_dict(), "raw_dir": cfg.raw_dir, "processed_dir": processed_dir}),
                           progress=False)
     return processed_dir
@@ -97,13 +105,12 @@ def _ensemble_row(name, members, cfg, overrides, results_dir):
     """Train the members that are not trained yet, then score the ensemble on the test split with TTA,
     beside its best and its mean member (predict.py's eval_test_members.csv)."""
     paths = []
-    for crop, seed in members:
-        settings = build_config({**STOP7_DEFAULTS, **overrides, "crop": crop, "seed": seed})
-        processed_dir = _processed_for(settings, cfg, results_dir)
-        out_dir = results_dir / "members" / crop / f"member_{seed}"
+    for variant, seed in members:
+        member = {**STOP7_DEFAULTS, **overrides, **MEMBER_VARIANTS[variant], "seed": seed}
+        processed_dir = _processed_for(build_config(member), cfg, results_dir)
+        out_dir = results_dir / "members" / variant / f"member_{seed}"
         if not (out_dir / "best.pt").is_file() or not _run_script("train.py", [f"--out_dir={out_dir}", "--resume"]):
-            args = {**STOP7_DEFAULTS, **overrides, "crop": crop, "seed": seed, "processed_dir": processed_dir,
-                    "out_dir": out_dir}
+            args = {**member, "processed_dir": processed_dir, "out_dir": out_dir}
             if not _run_script("train.py", [f"--{key}={value}" for key, value in args.items()]):
                 return {"run": name, "error": f"train.py failed for {out_dir}; rerun its command to see why"}
         paths.append(str(out_dir / "best.pt"))

@@ -58,6 +58,8 @@ def test_training_set_pairs_pngs_with_labels_and_caches(tmp_path):
     assert (tmp_path / "train_images.pt").exists()
     cached = load_images(str(tmp_path / "train"), galaxy_ids, 64)
     assert torch.equal(cached, images)
+    # the cache also serves a subset in another order: the rows of those ids
+    assert torch.equal(load_images(str(tmp_path / "train"), [7, 3], 64), images[[2, 0]])
 
 
 def test_cache_is_rebuilt_when_pngs_change(tmp_path):
