@@ -11,7 +11,7 @@ import pandas as pd
 
 import preprocess
 from config import build_config
-from dataset import atomic_write
+from files import atomic_write
 
 # What each choice around the seed architecture is worth on real galaxies. Every row trains from
 # scratch on the real sample and is judged by its best validation RMSE. The rows spell out every

@@ -2,12 +2,9 @@
 with labels.csv, the cached uint8 image tensor, the train/val/test split and
 batch augmentation.
 """
-import fcntl
 import math
 import os
 import re
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,6 +13,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from files import DataError, atomic_write, remove_dead_temp_files
 
 
 @dataclass(frozen=True)
@@ -94,103 +93,9 @@ def vote_summary(vote_fractions):
         parts.append(f"odd: {top(8)[1]}")
     return "; ".join(parts)
 
+
 SPLITS = ("train", "val", "test")
-
-
-class DataError(RuntimeError):
-    """Input data that cannot be used; the message says what to do."""
-
-
-def temp_name(path):
-    """Where path is written before it gets its name: *.tmp is never taken for a finished file."""
-    return f"{path}.{os.getpid()}.tmp"
-TEMP_NAME = re.compile(r"(.+)\.(\d+)\.tmp")   # atomic_write's <name>.<pid>.tmp
 INT64_MAX = 2 ** 63 - 1
-
-
-def atomic_write(path, write):
-    """Call write(temp_path), then rename onto path, so readers never see a half-written file."""
-    path = str(path)
-    tmp = temp_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:   # Ctrl-C included: leave no temporary file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # alive, but another user's
-        return True
-    return True
-
-
-def remove_dead_temp_files(folder, prefix=""):
-    """Delete the <name>.<pid>.tmp files (name starting with prefix) of processes that are gone:
-    a SIGKILL mid-write gives atomic_write no chance to clean up, and nothing else ever would.
-    A live process's temporary file is a write in progress and stays. Returns the names removed."""
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        match = TEMP_NAME.fullmatch(name)
-        if match and name.startswith(prefix) and not process_alive(int(match.group(2))):
-            try:
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-            except FileNotFoundError:   # another process cleaned it first
-                pass
-    return removed
-
-
-def writable_folder(path, what):
-    """Make the folder path (and its parents) and check that a file can be created in it.
-
-    Run before any work, so that a wrong or read-only output folder is a one-line DataError
-    that says what to do, not a traceback after an hour's work. what is the config key that
-    set the path (e.g. "processed_dir"), named in the fix.
-    """
-    path = str(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise DataError(f"{what} {path} is a file, not a folder; pass another --{what}=... or move the file away")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise DataError(f"cannot write into {what} {path} ({err.strerror}); make it writable "
-                        f"or pass another --{what}=...") from None
-
-
-def lock_folder(folder, what, name=".lock"):
-    """Hold an exclusive lock on folder (folder/<name>, holding this process's PID) until exit.
-
-    A second run on the same folder gets a DataError naming the PID of the one that holds it.
-    The kernel drops the lock when its process dies, so a lock left by a killed run is taken
-    over. Worker processes forked later close their copy, so that they cannot keep a dead
-    parent's lock alive. Returns the open lock file; closing it releases the lock.
-    """
-    path = os.path.join(folder, name)
-    lock = open(path, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        pid = lock.read().strip() or "unknown"
-        lock.close()
-        raise DataError(f"{folder} is in use by another {what} (PID {pid}); wait for it to finish, "
-                        f"or stop it, then run this again") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    os.register_at_fork(after_in_child=lock.close)   # close() drops this copy, not the lock
-    return lock
 
 
 # --- labels and images ------------------------------------------------------------

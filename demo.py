@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dataset import LABEL_COLUMNS, QUESTIONS, atomic_write, temp_name
+from dataset import LABEL_COLUMNS, QUESTIONS
+from files import atomic_write, temp_name
 from labels import SOLUTIONS
 from preprocess import SPLIT_FOLDERS, run_pool
 

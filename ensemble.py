@@ -16,7 +16,8 @@ from matplotlib.figure import Figure  # no pyplot: files only, whatever the back
 
 import preprocess
 from crop import CROP_KEYS, BadImage, crop_galaxy
-from dataset import NUM_OUTPUTS, DataError, atomic_write, png_ids, read_png
+from dataset import NUM_OUTPUTS, DataError, png_ids, read_png
+from files import atomic_write
 from model import CheckpointError, choose_numerics, model_from_checkpoint, predict_views, read_checkpoint
 
 

@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 
-from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, read_labels, read_split
+from dataset import LABEL_COLUMNS, QUESTIONS, DataError, read_labels, read_split
 from ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
                       spread_calibration)
+from files import atomic_write
 from model import rmse
 from similar import write_embeddings
 

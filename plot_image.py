@@ -12,7 +12,6 @@ An ID (all digits) is looked up in raw_dir (Kaggle's zips or folders) and proces
 test; an existing file, or a name with an image extension, is plotted as it is (it has no true votes).
 --checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list.
 """
-import io
 import os
 import re
 import sys
@@ -29,8 +28,9 @@ import labels
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
-from dataset import LABEL_COLUMNS, QUESTIONS, DataError, atomic_write, png_ids, read_labels, writable_folder
+from dataset import LABEL_COLUMNS, QUESTIONS, DataError, png_ids, read_labels
 from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
+from files import atomic_write, writable_folder
 from model import CheckpointError, resolve_device, rmse
 from similar import nearest, read_embeddings
 

@@ -24,10 +24,10 @@ import pandas as pd
 
 import preprocess
 from config import get_config
-from dataset import (LABEL_COLUMNS, DataError, atomic_write, lock_folder, png_ids, read_labels, read_split,
-                     vote_summary, writable_folder)
+from dataset import LABEL_COLUMNS, DataError, read_labels, read_split, vote_summary
 from ensemble import crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble, resolve_checkpoints
 from evaluate import evaluate_split
+from files import atomic_write, lock_folder, writable_folder
 from model import CheckpointError, resolve_device
 from similar import write_embeddings
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy
-from dataset import LABEL_COLUMNS, DataError, atomic_write, lock_folder, writable_folder
+from dataset import LABEL_COLUMNS, DataError
+from files import atomic_write, lock_folder, writable_folder
 from labels import SKIPPED_COLUMNS, SOLUTIONS, open_zip, read_labels, skip_record
 
 # Kaggle's image folders, without .zip

@@ -13,7 +13,7 @@ import torch
 import preprocess
 from config import build_config, config_from_dict
 from crop import CROP_KEYS
-from dataset import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
+from files import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
 from model import CheckpointError, read_checkpoint
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # each member runs it

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset import DataError, atomic_write
+from dataset import DataError
+from files import atomic_write
 
 EMBEDDINGS_FILE, IDS_FILE = "embeddings.npy", "embeddings_ids.csv"
 LABELLED_SOURCES = ("train", "val", "test", "labelled")

@@ -32,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config import answer_help, build_config, parse_overrides
-from dataset import DataError, atomic_write, augment, load_training_set, rows_of, split_for_run
+from dataset import DataError, augment, load_training_set, rows_of, split_for_run
+from files import atomic_write
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
 from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete, save_checkpoint,

@@ -1,8 +1,3 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,11 +5,8 @@ import torch
 from PIL import Image
 
 from config import Config
-from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, lock_folder,
-                     make_split, random_dihedral, read_labels, read_split, remove_dead_temp_files, save_split,
-                     vote_summary)
-
-REPO = Path(__file__).resolve().parents[1]
+from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, make_split,
+                     random_dihedral, read_labels, read_split, save_split, vote_summary)
 
 
 def write_processed(folder, galaxy_ids, labelled_ids=None, size=64):
@@ -154,28 +146,6 @@ def test_truncated_png_is_named_with_the_fix(tmp_path):
     png.write_bytes(png.read_bytes()[:-2000])
     with pytest.raises(DataError, match=r"2\.png cannot be read .*re-makes it from its JPEG"):
         load_training_set(Config(processed_dir=str(tmp_path)))
-
-
-def test_dead_processes_temp_files_are_removed_live_ones_kept(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()   # its pid now belongs to no process (pids are not reused this quickly)
-    for name in (f"last.pt.{dead.pid}.tmp", f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"):
-        (tmp_path / name).write_text("x")
-    assert remove_dead_temp_files(str(tmp_path)) == [f"last.pt.{dead.pid}.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"])
-
-
-def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dataset import lock_folder; "
-                               f"lock_folder({str(tmp_path)!r}, 'train.py'); "
-                               "print('locked', flush=True); time.sleep(60)"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "locked\n"
-    with pytest.raises(DataError, match=fr"in use by another train.py \(PID {holder.pid}\)"):
-        lock_folder(str(tmp_path), "train.py")
-    holder.kill()
-    holder.wait()
-    lock_folder(str(tmp_path), "train.py").close()   # the kernel released the dead holder's lock
 
 
 def votes(**fractions):

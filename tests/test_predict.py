@@ -15,7 +15,8 @@ import torch
 import helpers
 import preprocess
 from config import Config
-from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, lock_folder, png_ids, read_labels
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
+from files import lock_folder
 from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
 from model import build_model, predict
 import ensemble

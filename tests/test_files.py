@@ -1,0 +1,55 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from files import DataError, atomic_write, lock_folder, remove_dead_temp_files, writable_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old")
+
+    def broken_write(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken_write)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+    atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new"
+
+
+def test_writable_folder_makes_the_folder_and_refuses_a_file(tmp_path):
+    writable_folder(tmp_path / "a" / "b", "out_dir")
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"out_dir .*file is a file, not a folder; pass another --out_dir"):
+        writable_folder(tmp_path / "file", "out_dir")
+
+
+def test_dead_processes_temp_files_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()   # its pid now belongs to no process (pids are not reused this quickly)
+    for name in (f"last.pt.{dead.pid}.tmp", f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"):
+        (tmp_path / name).write_text("x")
+    assert remove_dead_temp_files(str(tmp_path)) == [f"last.pt.{dead.pid}.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"best.pt.{os.getpid()}.tmp", "notes.tmp", "last.pt"])
+
+
+def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from files import lock_folder; "
+                               f"lock_folder({str(tmp_path)!r}, 'train.py'); "
+                               "print('locked', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(DataError, match=fr"in use by another train.py \(PID {holder.pid}\)"):
+        lock_folder(str(tmp_path), "train.py")
+    holder.kill()
+    holder.wait()
+    lock_folder(str(tmp_path), "train.py").close()   # the kernel released the dead holder's lock
