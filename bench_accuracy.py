@@ -55,8 +55,10 @@ ACCURACY_RUNS = [
 MEMBER_VARIANTS = {
     "center": {"crop": "center"},                               # 212 raw pixels, the default
     "center160": {"crop": "center", "center_crop_size": 160},   # the central 160 px: the galaxy larger
+    "center128": {"crop": "center", "center_crop_size": 128},   # the central 128 px
     "center280": {"crop": "center", "center_crop_size": 280},   # 280 px: more of the surroundings
     "roi": {"crop": "roi"},                                     # the galaxy's own box
+    "rzs80": {"crop": "center", **ROTATE_ZOOM_SHIFT, "epochs": 80},   # 212 px, rotate/zoom/shift, twice as long
 }
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
@@ -106,7 +108,7 @@ def _ensemble_row(name, members, cfg, overrides, results_dir):
     beside its best and its mean member (predict.py's eval_test_members.csv)."""
     paths = []
     for variant, seed in members:
-        member = {**STOP7_DEFAULTS, **overrides, **MEMBER_VARIANTS[variant], "seed": seed}
+        member = {**STOP7_DEFAULTS, **MEMBER_VARIANTS[variant], **overrides, "seed": seed}   # --epochs=3 shortens all
         processed_dir = _processed_for(build_config(member), cfg, results_dir)
         out_dir = results_dir / "members" / variant / f"member_{seed}"
         if not (out_dir / "best.pt").is_file() or not _run_script("train.py", [f"--out_dir={out_dir}", "--resume"]):

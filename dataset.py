@@ -151,7 +151,9 @@ def png_ids(folder):
     return np.array(sorted(ids), np.int64)
 
 
-def read_png(path, image_size):
+def read_png(path, image_size=None):
+    """uint8 (S, S, 3) pixels of a processed PNG; DataError naming the file and the fix if it is broken
+    or (when image_size is given) not image_size wide."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")   # decodes: a truncated file fails here
@@ -159,7 +161,7 @@ def read_png(path, image_size):
         processed_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         raise DataError(f"{path} cannot be read ({err}); re-run `python preprocess.py "
                         f"--processed_dir={processed_dir}`, which re-makes it from its JPEG") from None
-    if image.size != (image_size, image_size):
+    if image_size is not None and image.size != (image_size, image_size):
         raise DataError(f"{path} is {image.size[0]}x{image.size[1]}, not {image_size}x{image_size}; "
                         f"re-run `python preprocess.py --image_size={image_size}`")
     return np.asarray(image)

@@ -22,13 +22,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Rectangle
-from PIL import Image
 
 import labels
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
-from dataset import LABEL_COLUMNS, QUESTIONS, DataError, png_ids, read_labels
+from dataset import LABEL_COLUMNS, QUESTIONS, DataError, png_ids, read_labels, read_png
 from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
 from files import atomic_write, writable_folder
 from model import CheckpointError, resolve_device, rmse
@@ -106,14 +105,7 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     if mismatch:
         raise DataError(f"no raw image, and the PNGs in {cfg.processed_dir} were cropped differently "
                         f"({mismatch}); put the raw images in {cfg.raw_dir} or re-run preprocess.py")
-    try:
-        with Image.open(galaxy["png_path"]) as image:
-            crop = np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{galaxy['png_path']} is unreadable ({err}); re-run preprocess.py") from None
-    if model_cfg and crop.shape[0] != model_cfg.image_size:
-        raise DataError(f"{galaxy['png_path']} is {crop.shape[0]} px wide, the checkpoint wants "
-                        f"{model_cfg.image_size}; re-run `python preprocess.py --image_size={model_cfg.image_size}`")
+    crop = read_png(galaxy["png_path"], model_cfg.image_size if model_cfg else None)   # any size for a plot alone
     return {"raw": None, "roi_box": None, "crop": crop, "crop_note": "processed PNG"}
 
 

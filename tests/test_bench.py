@@ -1,5 +1,5 @@
-"""bench.py scale (the Kaggle-sized rehearsal, at a tiny scale) and bench.py gpu's CPU-side parts:
-the no-GPU error and its table."""
+"""bench.py scale (the Kaggle-sized rehearsal, at a tiny scale), bench.py gpu's CPU-side parts (the
+no-GPU error and its table) and bench.py accuracy's rows."""
 import os
 import subprocess
 import sys
@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, MEMBER_VARIANTS, STOP7_DEFAULTS
 from bench_gpu import NO_GPU, gpu_table
 from bench_scale import build_kaggle_zips
+from config import build_config
 from helpers import REPO, run_script
 
 
@@ -86,3 +88,13 @@ def test_gpu_table_formats_a_run():
     assert "| torchrun, 1 GPU, 20 steps of train.py | ok in 12.3 s | succeeds |" in lines
     assert "| the whole check | 190 s | < 8 min: met |" in lines
     assert len(lines) == 4 + 9
+
+
+def test_accuracy_rows_and_ensemble_members_are_valid_configs():
+    for _, overrides in ACCURACY_RUNS:
+        build_config(overrides).validate()
+    for _, members in ENSEMBLE_RUNS:
+        assert len(set(members)) == len(members)   # a member twice would weigh double
+        for variant, seed in members:
+            member = build_config({**STOP7_DEFAULTS, **MEMBER_VARIANTS[variant], "seed": seed}).validate()
+            assert member.split_seed == 1337   # all score the same held-out galaxies
