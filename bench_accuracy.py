@@ -65,6 +65,11 @@ ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
     ("5 members, mixed: center seeds 1-3 + ROI seeds 1337 and 1", [("center", 1), ("center", 2), ("center", 3),
                                                                    ("roi", 1337), ("roi", 1)]),
+    # stop 9: two seeds of each of four crops; the second with the 212-px members as rzs80 (chosen on val)
+    ("8 members, 4 crops x seeds 1337 and 1",
+     [(variant, seed) for variant in ("center", "center160", "center128", "roi") for seed in (1337, 1)]),
+    ("8 members, 4 crops x seeds 1337 and 1, the 212-px ones rzs80",
+     [(variant, seed) for variant in ("rzs80", "center160", "center128", "roi") for seed in (1337, 1)]),
 ]
 
 

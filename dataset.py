@@ -189,12 +189,13 @@ def load_images(folder, galaxy_ids, image_size, workers=1):
         except Exception:
             pass  # a stale or damaged cache is simply rebuilt
     # filled in place in the model's (N, 3, S, S) layout: no second copy of the whole set (0.76 GB at Kaggle's size)
-    images = torch.empty((len(galaxy_ids), 3, image_size, image_size), dtype=torch.uint8)
+    images = np.empty((len(galaxy_ids), 3, image_size, image_size), np.uint8)
     paths = [os.path.join(folder, f"{gid}.png") for gid in galaxy_ids.tolist()]
     # PNG decoding releases the GIL, so threads are enough and start instantly
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for i, pixels in enumerate(pool.map(read_png, paths, [image_size] * len(paths), chunksize=64)):
-            images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
+            images[i] = pixels.transpose(2, 0, 1)
+    images = torch.from_numpy(images)   # shares the array: no copy
     payload = {"stamp": stamp, "galaxy_ids": torch.from_numpy(galaxy_ids), "images": images}
     try:
         remove_dead_temp_files(os.path.dirname(cache), os.path.basename(cache))   # a killed run's, up to GBs
