@@ -73,6 +73,13 @@ ENSEMBLE_RUNS = [
 ]
 
 
+def _slug(name):
+    """A row's or ensemble's name as a folder name under runs/accuracy/."""
+    for text, replacement in ((" ", "_"), (",", ""), ("/", "-"), (":", ""), ("+", "and")):
+        name = name.replace(text, replacement)
+    return name
+
+
 def _run_script(script, args):
     """Run one of the project's scripts; True if it succeeded."""
     command = [sys.executable, str(Path(__file__).parent / script), *args]
@@ -121,7 +128,7 @@ def _ensemble_row(name, members, cfg, overrides, results_dir):
             if not _run_script("train.py", [f"--{key}={value}" for key, value in args.items()]):
                 return {"run": name, "error": f"train.py failed for {out_dir}; rerun its command to see why"}
         paths.append(str(out_dir / "best.pt"))
-    eval_dir = results_dir / name.replace(" ", "_").replace(",", "").replace(":", "").replace("+", "and")
+    eval_dir = results_dir / _slug(name)
     args = [f"--checkpoint={','.join(paths)}", f"--processed_dir={processed_dir}", f"--raw_dir={cfg.raw_dir}",
             "--split=test", "--tta", f"--out_dir={eval_dir}"]
     if not _run_script("predict.py", args):
@@ -142,11 +149,10 @@ def run_accuracy(cfg, overrides):
     rows = []
     for name, run_overrides in ACCURACY_RUNS:
         settings = build_config({"raw_dir": cfg.raw_dir, **overrides, **run_overrides})
-        slug = name.replace(" ", "_").replace(",", "").replace("/", "-")
         print(f"training: {name} ...", flush=True)
         train_overrides = {**run_overrides, **overrides,
                            "processed_dir": _processed_for(settings, cfg, results_dir)}
-        rows.append(_train_and_measure(name, train_overrides, results_dir / slug))
+        rows.append(_train_and_measure(name, train_overrides, results_dir / _slug(name)))
         print(rows[-1], flush=True)
     for name, members in ENSEMBLE_RUNS:
         print(f"ensemble: {name} ...", flush=True)

@@ -14,6 +14,8 @@ class DataError(RuntimeError):
 def temp_name(path):
     """Where path is written before it gets its name: *.tmp is never taken for a finished file."""
     return f"{path}.{os.getpid()}.tmp"
+
+
 TEMP_NAME = re.compile(r"(.+)\.(\d+)\.tmp")   # atomic_write's <name>.<pid>.tmp
 
 
