@@ -201,7 +201,7 @@ def load_images(folder, galaxy_ids, image_size, workers=1):
         remove_dead_temp_files(os.path.dirname(cache), os.path.basename(cache))   # a killed run's, up to GBs
         atomic_write(cache, lambda tmp: torch.save(payload, tmp))
     except (OSError, RuntimeError):   # torch.save reports an unwritable path as RuntimeError
-        pass  # a read-only data folder still trains, just without the cache
+        pass  # a read-only or full data folder still trains, just without the cache
     return images
 
 

@@ -1,9 +1,11 @@
 """Files every script writes safely: atomic writes, the temporary files a killed run leaves,
 checking an output folder before the work, and locking a folder against a second run.
 """
+import errno
 import fcntl
 import os
 import re
+import shutil
 import tempfile
 
 
@@ -20,16 +22,29 @@ TEMP_NAME = re.compile(r"(.+)\.(\d+)\.tmp")   # atomic_write's <name>.<pid>.tmp
 
 
 def atomic_write(path, write):
-    """Call write(temp_path), then rename onto path, so readers never see a half-written file."""
+    """Call write(temp_path), then rename onto path, so readers never see a half-written file.
+
+    A full disk is a DataError that says so: the file at path, if any, is still the last whole one.
+    """
     path = str(path)
     tmp = temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:   # Ctrl-C included: leave no temporary file behind
+    except BaseException as err:   # Ctrl-C included: leave no temporary file behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(disk_full_message(path)) from None
         raise
+
+
+def disk_full_message(path):
+    """What to say when the disk (or quota) under path ran out mid-write; the earlier files stay."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free_mb = shutil.disk_usage(folder).free / 1e6
+    return (f"could not write {path}: no space left on its disk ({free_mb:.0f} MB free in {folder}); "
+            f"free some space, then run the same command again")
 
 
 def process_alive(pid):

@@ -315,7 +315,10 @@ def main():
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
     path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    except DataError as err:   # a full disk
+        sys.exit(f"error: {err}")
     print(f"wrote {path}")
     if cfg.show:
         plt.show()

@@ -12,6 +12,7 @@ half-written file. Unusable input is listed in processed_dir/skipped.csv, never 
 Images of any size are accepted (Kaggle's are all 424x424); ones smaller than image_size are skipped.
 """
 import json
+import multiprocessing
 import os
 import signal
 import struct
@@ -20,6 +21,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -196,23 +198,45 @@ def crop_settings_mismatch(processed_dir, model_cfg):
 
 
 worker_job = {}   # what each worker needs, set once per process by start_worker
+worker_stop = None   # each worker's copy of its run_pool's stop event
 
 
-def start_worker(job):
+def start_worker(job, stop):
+    global worker_stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     _open_zips.clear()   # forked copies would share one file offset with the parent's handles
     _folder_fds.clear()
     worker_job.update(job)
+    worker_stop = stop
+
+
+def _unless_stopped(function, task):
+    """Worker: function(task), or None at once when the run is ending early (see run_pool)."""
+    return None if worker_stop.is_set() else function(task)
 
 
 def run_pool(function, tasks, workers, job, description, progress=True, ordered=False):
-    """Yield function(task) for every task from a pool of workers, with a progress bar in img/s."""
+    """Yield function(task) for every task from a pool of workers, with a progress bar in img/s.
+
+    A run that ends early (an error, Ctrl-C, a consumer that stops) lets its workers finish
+    instead of killing them: Pool.terminate() kills a worker even while it holds the result
+    queue's lock, and then waits forever for that lock (seen here in about 1 in 100 disk-full
+    runs under load). The stop event makes the tasks still queued return at once.
+    """
     tasks = list(tasks)
     chunk = max(1, min(32, len(tasks) // (8 * workers)))
-    with Pool(workers, initializer=start_worker, initargs=(job,)) as pool:   # exit terminates it
-        results = (pool.imap if ordered else pool.imap_unordered)(function, tasks, chunksize=chunk)
-        yield from tqdm(results, total=len(tasks), desc=description, unit="img",
-                        disable=not progress, smoothing=0.1)
+    stop = multiprocessing.Event()
+    with Pool(workers, initializer=start_worker, initargs=(job, stop)) as pool:
+        try:
+            results = (pool.imap if ordered else pool.imap_unordered)(partial(_unless_stopped, function), tasks,
+                                                                      chunksize=chunk)
+            yield from tqdm(results, total=len(tasks), desc=description, unit="img",
+                            disable=not progress, smoothing=0.1)
+        except BaseException:
+            stop.set()
+            pool.close()
+            pool.join()   # each worker ends its current image, then answers the queued tasks at once
+            raise
 
 
 def _png_chunk(kind, data):
@@ -276,6 +300,8 @@ def _crop_and_save(task):
         _write_whole(png_path, _png_bytes(crop))
     except BadImage as err:
         return split, galaxy_id, "skipped", str(err)
+    except DataError:   # the output disk is full: every later galaxy would fail too, so stop the run
+        raise
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         return split, galaxy_id, "skipped", f"unreadable file: {err}"
     except Exception as err:   # whatever else one image does must not end a run of 140,000

@@ -113,7 +113,10 @@ def read_init_weights(cfg):
 
 def save_checkpoint(path, state):
     def write(tmp):
-        torch.save(state, tmp)
+        # through a Python file: torch.save given a path reports a full disk as "iostream error",
+        # a file object's write raises OSError(ENOSPC), which atomic_write turns into a clear message
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         time.sleep(SAVE_DELAY)
     atomic_write(path, write)
 

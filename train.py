@@ -244,7 +244,10 @@ def train(cfg, checkpoint, init_weights=None):
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
                                      mean_prediction, numerics)
             for name in names:
-                save_checkpoint(os.path.join(cfg.out_dir, name), state)
+                try:
+                    save_checkpoint(os.path.join(cfg.out_dir, name), state)
+                except DataError as err:   # a full disk: the checkpoints on disk are still whole
+                    raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
 
     model.train()
     while progress["epoch"] < cfg.epochs:

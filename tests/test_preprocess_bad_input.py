@@ -1,5 +1,6 @@
 """preprocess.py against damaged or hostile input (issue #12): damaged zips, same-named zip
 members, odd label rows, unwritable output folders, two runs at once, unforeseen errors."""
+import errno
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import preprocess
 from config import build_config
 from conftest import REPO
 from dataset import DataError
+from files import atomic_write
 from helpers import one_line_error, run_script, without_root_powers
 from labels import read_labels
 
@@ -205,3 +207,27 @@ def test_an_unforeseen_error_skips_one_image_not_the_run(demo_raw, tmp_path, mon
                                                    "processed_dir": str(tmp_path / "out")})
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C still stops the run
         preprocess._crop_and_save(("test", victim, references[victim], False))
+
+
+def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_pngs_written(demo_raw, tmp_path, monkeypatch):
+    """Out of space after 20 PNGs: one DataError naming the file, not 100 skipped galaxies; the
+    rerun, with space again, writes only the rest."""
+    out = tmp_path / "out"
+    run({"raw_dir": str(demo_raw), "processed_dir": str(out), "workers": 1})
+    kept = sorted((out / "train").glob("*.png"))[:20]
+    for path in sorted((out / "train").glob("*.png"))[20:] + sorted((out / "test").glob("*.png")):
+        path.unlink()
+
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def png_writes_fail(path, write):   # the workers are forked, so they see this too
+        return atomic_write(path, no_space if str(path).endswith(".png") else write)
+    monkeypatch.delattr(preprocess.os, "O_TMPFILE", raising=False)   # every PNG through atomic_write
+    monkeypatch.setattr(preprocess, "atomic_write", png_writes_fail)
+    with pytest.raises(DataError, match=r"could not write .*\.png: no space left on its disk"):
+        run({"raw_dir": str(demo_raw), "processed_dir": str(out)})
+    assert sorted((out / "train").glob("*.png")) == kept and not list(out.rglob("*.tmp"))
+    monkeypatch.undo()
+    _, summary = run({"raw_dir": str(demo_raw), "processed_dir": str(out)})
+    assert summary["present"] == 20 and summary["written"] == 112 - 20
