@@ -18,20 +18,29 @@ import preprocess
 from crop import CROP_KEYS, BadImage, crop_galaxy
 from dataset import NUM_OUTPUTS, DataError, png_ids, read_png
 from files import atomic_write
-from model import CheckpointError, choose_numerics, model_from_checkpoint, predict_views, read_checkpoint
+from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict_views, read_checkpoint,
+                   unfinished_run)
 
 
 # --- which checkpoints ---------------------------------------------------------------------------
 
 def _checkpoints_in(path):
-    """A file is itself; a run folder its best.pt; a folder of member_*/ runs each member's best.pt."""
+    """A file is itself; a run folder its best.pt; a folder of member_*/ runs each member's best.pt.
+
+    A member without best.pt is an error, not left out: an ensemble silently one member short
+    would look like the whole one.
+    """
     if not os.path.isdir(path):
         return [path]
-    members = sorted(glob.glob(os.path.join(path, "member_*", "best.pt")))
+    members = sorted(folder for folder in glob.glob(os.path.join(path, "member_*")) if os.path.isdir(folder))
     if members:
-        return members
-    if os.path.isfile(os.path.join(path, "best.pt")):
-        return [os.path.join(path, "best.pt")]
+        for folder in members:
+            if not os.path.isfile(os.path.join(folder, "best.pt")):
+                raise CheckpointError(f"{folder} has no best.pt: {unfinished_run(folder)}, or name the members to "
+                                      f"use, e.g. --checkpoint='{os.path.join(path, 'member_1', 'best.pt')}'")
+        return [os.path.join(folder, "best.pt") for folder in members]
+    if os.path.isfile(os.path.join(path, "best.pt")) or os.path.isfile(os.path.join(path, "last.pt")):
+        return [os.path.join(path, "best.pt")]   # without best.pt, read_checkpoint says what to do
     raise CheckpointError(f"the folder {path} holds no best.pt and no member_*/best.pt; pass --checkpoint=<file>.pt "
                           f"or a run folder written by train.py")
 

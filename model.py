@@ -8,6 +8,7 @@ Shapes at 64x64 input (each conv has stride 1 and padding 1, each pool halves):
 """
 import copy
 import math
+import os
 import time
 
 import torch
@@ -103,11 +104,20 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def unfinished_run(folder):
+    """What to do with a run that has written no best.pt (stopped before its first epoch ended)."""
+    return (f"the run in {folder} has not finished an epoch yet; go on with "
+            f"`python train.py --out_dir={folder} --resume`")
+
+
 def read_checkpoint(path, map_location="cpu"):
     """The dict saved by train.py, loaded safely; CheckpointError with the fix if unusable."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) == "best.pt" and os.path.isfile(os.path.join(folder, "last.pt")):
+            raise CheckpointError(f"checkpoint {path} not found: {unfinished_run(folder)}") from None
         raise CheckpointError(f"checkpoint {path} not found; train one with `python train.py` "
                               f"or pass --checkpoint=<out_dir>/best.pt") from None
     except Exception as err:  # truncated file, not a torch file, pickled objects, ...

@@ -1,5 +1,6 @@
 """Ensembles: which checkpoints a spec names, the mean and spread over members x views, mixed
 crops, the submission and std files, the split check and the spread report, and plot_image."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, read_labels
 from ensemble import load_members, predict_batch, resolve_checkpoints
 from helpers import demo_config, one_line_error, run_script, save_checkpoint
-from model import CheckpointError, load_model, predict_views
+from model import CheckpointError, load_model, predict_views, read_checkpoint
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16", "--amp=false", "--channels_last=false"]
@@ -55,6 +56,23 @@ def test_spec_resolution(ensemble, tmp_path):
         resolve_checkpoints(str(tmp_path / "nothing_*" / "best.pt"))
     with pytest.raises(CheckpointError, match="holds no best.pt"):
         resolve_checkpoints(str(tmp_path))
+
+
+def test_a_run_that_has_not_finished_an_epoch_says_to_resume_it(ensemble, tmp_path):
+    """A run stopped before its first epoch ended has last.pt but no best.pt; a member like that is
+    named, never silently left out of its ensemble."""
+    run_dir = tmp_path / "ens"
+    shutil.copytree(ensemble["run_dir"], run_dir)
+    unfinished = run_dir / "member_3"
+    unfinished.mkdir()
+    shutil.copy(run_dir / "member_1" / "best.pt", unfinished / "last.pt")
+    with pytest.raises(CheckpointError, match=r"member_3 has no best.pt: the run in .*member_3 has not finished an "
+                                              r"epoch yet; go on with `python train.py --out_dir=.*member_3 --resume`"):
+        resolve_checkpoints(str(run_dir))
+    paths = resolve_checkpoints(str(unfinished))   # the run folder itself: read_checkpoint says the same
+    with pytest.raises(CheckpointError, match=r"best.pt not found: the run in .*member_3 has not finished an epoch"):
+        read_checkpoint(paths[0])
+    assert len(resolve_checkpoints(str(run_dir / "member_[01]"))) == 2   # the members that are done
 
 
 def test_mean_and_std_are_over_members_and_views(ensemble):
