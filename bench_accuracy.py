@@ -59,6 +59,10 @@ MEMBER_VARIANTS = {
     "center280": {"crop": "center", "center_crop_size": 280},   # 280 px: more of the surroundings
     "roi": {"crop": "roi"},                                     # the galaxy's own box
     "rzs80": {"crop": "center", **ROTATE_ZOOM_SHIFT, "epochs": 80},   # 212 px, rotate/zoom/shift, twice as long
+    # stop 10: the same augmentation and length at the other crops
+    "center160_rzs80": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 80},
+    "center128_rzs80": {"crop": "center", "center_crop_size": 128, **ROTATE_ZOOM_SHIFT, "epochs": 80},
+    "roi_rzs80": {"crop": "roi", **ROTATE_ZOOM_SHIFT, "epochs": 80},
 }
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
