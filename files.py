@@ -34,9 +34,21 @@ def atomic_write(path, write):
     except BaseException as err:   # Ctrl-C included: leave no temporary file behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(err):
             raise DataError(disk_full_message(path)) from None
         raise
+
+
+def disk_full(err):
+    """Whether err, or an error it was raised while handling, is a full disk or quota; torch.save's
+    writer answers an OSError(ENOSPC) from the file with a RuntimeError of its own."""
+    for _ in range(10):   # a chain, never a cycle, but bounded anyway
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def disk_full_message(path):

@@ -247,6 +247,8 @@ def train(cfg, checkpoint, init_weights=None):
                 try:
                     save_checkpoint(os.path.join(cfg.out_dir, name), state)
                 except DataError as err:   # a full disk: the checkpoints on disk are still whole
+                    if not os.path.isfile(os.path.join(cfg.out_dir, "last.pt")):
+                        raise   # nothing to resume: the same command starts the run again
                     raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
 
     model.train()

@@ -17,9 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 FULL_DISK = r"could not write .*metrics.csv: no space left on its disk \(\d+ MB free in .*\); free some space, then run"
 
 
+def full_disk_under_torch():
+    """What torch.save raises when the file's write fails for want of space: its own RuntimeError,
+    raised while handling the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 50079936 vs 50079828")
+        except RuntimeError as err:
+            return err
+
+
 @pytest.mark.parametrize("error, raised, message", [
     (RuntimeError("a bug in the writer"), RuntimeError, "a bug in the writer"),
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), DataError, FULL_DISK),   # a full disk says so
+    (full_disk_under_torch(), DataError, FULL_DISK),
 ])
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, error, raised, message):
     path = tmp_path / "metrics.csv"
