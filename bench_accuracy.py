@@ -74,6 +74,10 @@ ENSEMBLE_RUNS = [
      [(variant, seed) for variant in ("center", "center160", "center128", "roi") for seed in (1337, 1)]),
     ("8 members, 4 crops x seeds 1337 and 1, the 212-px ones rzs80",
      [(variant, seed) for variant in ("rzs80", "center160", "center128", "roi") for seed in (1337, 1)]),
+    # stop 10: every crop with rotate/zoom/shift and 80 epochs (chosen on val among five)
+    ("8 members, 4 crops x seeds 1337 and 1, all rzs80",
+     [(variant, seed) for variant in ("rzs80", "center160_rzs80", "center128_rzs80", "roi_rzs80")
+      for seed in (1337, 1)]),
 ]
 
 
