@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import kaggle_raw
 import preprocess
 from config import answer_help, build_config, parse_overrides
 from model import (NUMERICS_CANDIDATES, autocast, build_model, choose_numerics, numerics_name, prepare_batch,
@@ -42,7 +43,7 @@ CONFIG_KEYS = tuple(dict.fromkeys(preprocess.CONFIG_KEYS + TRAIN_KEYS + ("scale"
 def _decode_full(task):
     """Only read and decode one JPEG at full size: the floor any preprocessing is measured against."""
     raw_dir, reference = task
-    image = Image.open(io.BytesIO(preprocess.read_raw(raw_dir, reference)))
+    image = Image.open(io.BytesIO(kaggle_raw.read_raw(raw_dir, reference)))
     image.load()
     return image.size
 
@@ -62,12 +63,12 @@ def _kernel_seconds():
 
 def bench_preprocess(cfg, overrides):
     """Preprocessing throughput next to plain full-size decoding, same images, same worker count."""
-    references = [(cfg.raw_dir, reference) for split in preprocess.SPLIT_FOLDERS
-                  for reference in preprocess.raw_images(cfg.raw_dir, split).values()]
+    references = [(cfg.raw_dir, reference) for split in kaggle_raw.SPLIT_FOLDERS
+                  for reference in kaggle_raw.raw_images(cfg.raw_dir, split).values()]
     if not references:
-        sys.exit(preprocess.raw_layout_error(cfg.raw_dir) or f"error: no images in {cfg.raw_dir}")
+        sys.exit(kaggle_raw.raw_layout_error(cfg.raw_dir) or f"error: no images in {cfg.raw_dir}")
     for raw_dir, reference in references:   # warm the page cache so neither run pays for the disk
-        preprocess.read_raw(raw_dir, reference)
+        kaggle_raw.read_raw(raw_dir, reference)
     print(f"{len(references)} images from {cfg.raw_dir}, {cfg.workers} workers, crop={cfg.crop}, "
           f"image_size={cfg.image_size}")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import kaggle_raw
 import preprocess
 import predict as predict_script
 import train as train_script
@@ -87,20 +88,20 @@ def build_kaggle_zips(source_dir, raw_dir, n_train, n_test, first_id=FIRST_ID):
     GalaxyIDs first_id, first_id + 1, ... (training first), each training image with its source's
     label row. Each source JPEG is read once. Returns the number of source images of each split."""
     header, label_rows = _label_rows(source_dir)
-    train_refs = preprocess.raw_images(source_dir, "train")
+    train_refs = kaggle_raw.raw_images(source_dir, "train")
     train_ids = sorted(set(train_refs) & set(label_rows))   # an image to repeat needs its row
-    test_refs = preprocess.raw_images(source_dir, "test") or train_refs   # no test images: use the training ones
+    test_refs = kaggle_raw.raw_images(source_dir, "test") or train_refs   # no test images: use the training ones
     if not train_ids:
         sys.exit(f"error: {source_dir} holds no training JPEG with a label row to repeat; pass --raw_dir=<Kaggle's "
                  f"files or the sample>")
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
-    train_jpegs = [preprocess.read_raw(source_dir, train_refs[gid]) for gid in train_ids]
-    _write_images(raw_dir / f"{preprocess.SPLIT_FOLDERS['train']}.zip", preprocess.SPLIT_FOLDERS["train"],
+    train_jpegs = [kaggle_raw.read_raw(source_dir, train_refs[gid]) for gid in train_ids]
+    _write_images(raw_dir / f"{kaggle_raw.SPLIT_FOLDERS['train']}.zip", kaggle_raw.SPLIT_FOLDERS["train"],
                   train_jpegs, n_train, first_id)
     del train_jpegs
-    test_jpegs = [preprocess.read_raw(source_dir, ref) for _, ref in sorted(test_refs.items())]
-    _write_images(raw_dir / f"{preprocess.SPLIT_FOLDERS['test']}.zip", preprocess.SPLIT_FOLDERS["test"],
+    test_jpegs = [kaggle_raw.read_raw(source_dir, ref) for _, ref in sorted(test_refs.items())]
+    _write_images(raw_dir / f"{kaggle_raw.SPLIT_FOLDERS['test']}.zip", kaggle_raw.SPLIT_FOLDERS["test"],
                   test_jpegs, n_test, first_id + n_train)
     lines = io.StringIO()
     lines.write(header + "\n")

@@ -19,8 +19,9 @@ from PIL import Image
 
 from dataset import LABEL_COLUMNS, QUESTIONS
 from files import atomic_write, temp_name
+from kaggle_raw import SPLIT_FOLDERS
 from labels import SOLUTIONS
-from preprocess import SPLIT_FOLDERS, run_pool
+from preprocess import run_pool
 
 DEMO_MARKER = "synthetic_demo.json"   # says a folder is ours to (re)write
 DEMO_SIDE = 424

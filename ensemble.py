@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 
+import kaggle_raw
 import preprocess
 from crop import CROP_KEYS, BadImage, crop_galaxy
 from dataset import NUM_OUTPUTS, DataError, png_ids, read_png
@@ -117,7 +118,7 @@ def galaxy_tasks(cfg, kaggle_split, galaxy_ids=None):
     them, or galaxy_ids): where holds the galaxy's processed PNG and raw image (ensemble.load_crops)."""
     png_dir = os.path.join(cfg.processed_dir, kaggle_split)
     pngs = set(png_ids(png_dir).tolist())
-    raw = preprocess.raw_images(cfg.raw_dir, kaggle_split)
+    raw = kaggle_raw.raw_images(cfg.raw_dir, kaggle_split)
     galaxy_ids = sorted(pngs | set(raw)) if galaxy_ids is None else galaxy_ids
     tasks = [(gid, {"png": os.path.join(png_dir, f"{gid}.png") if gid in pngs else None, "raw": raw.get(gid)})
              for gid in galaxy_ids]
@@ -145,8 +146,8 @@ def crop_sources(cfg, groups, pngs, raw, kaggle_split):
                             f"`python preprocess.py` with the checkpoint's settings, or put Kaggle's raw images in "
                             f"{cfg.raw_dir}")
         else:
-            raise DataError(f"no {kaggle_split} images: put Kaggle's {preprocess.SPLIT_FOLDERS[kaggle_split]}.zip "
-                            f"(or the folder {preprocess.SPLIT_FOLDERS[kaggle_split]}/) in {cfg.raw_dir}/, or run "
+            raise DataError(f"no {kaggle_split} images: put Kaggle's {kaggle_raw.SPLIT_FOLDERS[kaggle_split]}.zip "
+                            f"(or the folder {kaggle_raw.SPLIT_FOLDERS[kaggle_split]}/) in {cfg.raw_dir}/, or run "
                             f"`python preprocess.py` to write {png_dir}/<GalaxyID>.png")
     return use_png, sources
 
@@ -178,7 +179,7 @@ def load_crops(task):
                 continue
             if data is None:
                 if where.get("raw"):
-                    data = preprocess.read_raw(job["raw_dir"], where["raw"])
+                    data = kaggle_raw.read_raw(job["raw_dir"], where["raw"])
                 elif where.get("file"):
                     with open(where["file"], "rb") as f:
                         data = f.read()

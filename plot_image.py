@@ -24,6 +24,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 import labels
+import kaggle_raw
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
@@ -54,7 +55,7 @@ def find_galaxy(cfg, galaxy_id):
     """{"split", "raw_reference", "png_path"} for the galaxy; DataError naming the closest IDs if unknown."""
     known_ids = set()
     for split in ("train", "test"):
-        raw = preprocess.raw_images(cfg.raw_dir, split)
+        raw = kaggle_raw.raw_images(cfg.raw_dir, split)
         png_dir = os.path.join(cfg.processed_dir, split)
         png_path = os.path.join(png_dir, f"{galaxy_id}.png")
         if galaxy_id in raw or os.path.isfile(png_path):
@@ -93,7 +94,7 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
     if galaxy["raw_reference"] or galaxy.get("file"):
         source = galaxy.get("file") or galaxy["raw_reference"]
         try:
-            data = preprocess.read_raw(cfg.raw_dir, source) if galaxy["raw_reference"] else Path(source).read_bytes()
+            data = kaggle_raw.read_raw(cfg.raw_dir, source) if galaxy["raw_reference"] else Path(source).read_bytes()
             crop, roi_box = crop_galaxy(data, crop_cfg)
             return {"raw": np.asarray(read_image(data)), "roi_box": roi_box, "crop": np.asarray(crop),
                     "crop_note": f"crop={crop_cfg.crop} of the raw image"}

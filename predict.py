@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-import preprocess
+import kaggle_raw
 from config import get_config
 from dataset import LABEL_COLUMNS, DataError, read_labels, read_split, vote_summary
 from ensemble import crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble, resolve_checkpoints
@@ -185,7 +185,7 @@ def embed_all(cfg, members, groups):
     """--split=all --embed: the features of every labelled galaxy (marked with its split in the first
     member's split.csv, "labelled" without one) and of Kaggle's test set; no predictions are written."""
     labelled_ids = read_labels(cfg.processed_dir)[0] if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")) \
-        else np.array(sorted(preprocess.raw_images(cfg.raw_dir, "train")), np.int64)
+        else np.array(sorted(kaggle_raw.raw_images(cfg.raw_dir, "train")), np.int64)
     split_path = os.path.join(os.path.dirname(os.path.abspath(members[0].path)), "split.csv")
     split_of = ({gid: name for name, ids in read_split(split_path).items() for gid in ids.tolist()}
                 if os.path.isfile(split_path) else {})

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 import crop
-import preprocess
+import kaggle_raw
 from config import build_config
 from conftest import SHARED_SAMPLE, needs_real_sample
 from helpers import blob, jpeg_bytes, sky_with_galaxies
@@ -101,10 +101,10 @@ def test_roi_boxes_on_the_real_sample():
     # the box is centred on the thresholded galaxy's extent, which arms, halos and touching
     # neighbours make lopsided: measured on this sample, the median offset is 6 px and 87% are
     # within 15 px of the frame centre; the brightest spot of 95% of the crops is near their centre
-    references = sorted(preprocess.raw_images(SHARED_SAMPLE, "train").values())[::10]
+    references = sorted(kaggle_raw.raw_images(SHARED_SAMPLE, "train").values())[::10]
     offsets, bright_offsets = [], []
     for reference in references:
-        cropped, (left, top, right, bottom) = crop.crop_galaxy(preprocess.read_raw(SHARED_SAMPLE, reference), cfg)
+        cropped, (left, top, right, bottom) = crop.crop_galaxy(kaggle_raw.read_raw(SHARED_SAMPLE, reference), cfg)
         offsets.append(max(abs((left + right) / 2 - 212), abs((top + bottom) / 2 - 212)))
         gray = ndimage.uniform_filter(np.asarray(cropped.convert("L"), dtype=float), 5)
         y, x = np.unravel_index(np.argmax(gray), gray.shape)

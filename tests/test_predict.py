@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import helpers
+import kaggle_raw
 import preprocess
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
@@ -260,7 +261,7 @@ def test_read_only_out_dir_is_a_one_line_error(demo, tmp_path):
 
 
 def test_an_unforeseen_error_skips_one_image(demo, monkeypatch):
-    reference = sorted(preprocess.raw_images(demo["raw_dir"], "test").items())[0]
+    reference = sorted(kaggle_raw.raw_images(demo["raw_dir"], "test").items())[0]
     monkeypatch.setattr(preprocess, "worker_job", {"raw_dir": str(demo["raw_dir"]),
                                                    "groups": [{"cfg": demo["cfg"], "use_png": False}]})
     monkeypatch.setattr(ensemble, "crop_galaxy", lambda data, cfg: 1 / 0)

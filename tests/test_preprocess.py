@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import kaggle_raw
 import preprocess
 from config import build_config
 from conftest import REPO, SHARED_SAMPLE, needs_real_sample
@@ -92,8 +93,8 @@ def test_extracted_and_flat_zip_layouts_give_the_same_output(demo_raw, demo_proc
         cfg, summary = run({"raw_dir": str(raw_dir), "processed_dir": str(raw_dir) + "_out"})
         assert summary["train"] == 96 and summary["test"] == 16
         pd.testing.assert_frame_equal(pd.read_csv(Path(cfg.processed_dir) / "labels.csv"), expected)
-    reference = preprocess.raw_images(flat, "train")[int(expected.GalaxyID[0])]
-    assert preprocess.read_raw(flat, reference)[:2] == b"\xff\xd8"
+    reference = kaggle_raw.raw_images(flat, "train")[int(expected.GalaxyID[0])]
+    assert kaggle_raw.read_raw(flat, reference)[:2] == b"\xff\xd8"
 
 
 def test_rerun_resumes(demo_raw, tmp_path):

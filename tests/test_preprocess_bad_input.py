@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import kaggle_raw
 import preprocess
 from config import build_config
 from conftest import REPO
@@ -62,7 +63,7 @@ def test_truncated_image_zip_is_a_one_line_error(demo_raw, tmp_path):
     archive = raw / "images_test_rev1.zip"
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(DataError, match=r"images_test_rev1.zip is damaged .*download Kaggle's images_test_rev1.zip"):
-        preprocess.raw_images(raw, "test")   # what predict.py and plot_image.py scan too
+        kaggle_raw.raw_images(raw, "test")   # what predict.py and plot_image.py scan too
     message = one_line_error(run_script("preprocess.py", f"--raw_dir={raw}", f"--processed_dir={tmp_path / 'out'}"))
     assert f"{archive} is damaged" in message and "download" in message
 
@@ -88,9 +89,9 @@ def test_same_named_zip_members_keep_and_read_the_first(demo_raw, tmp_path):
     with pytest.warns(UserWarning, match="Duplicate name"):
         raw = raw_with_zip(demo_raw, tmp_path, [(first, jpegs[first], zipfile.ZIP_STORED),
                                                 (first, jpegs[second], zipfile.ZIP_STORED)])
-    images, skipped = preprocess.scan_images(raw, "train")
+    images, skipped = kaggle_raw.scan_images(raw, "train")
     assert [record["reason"] for record in skipped] == ["duplicate image: kept the first zip member of this name"]
-    assert preprocess.read_raw(raw, images[int(Path(first).stem)]) == jpegs[first]   # what it said it kept
+    assert kaggle_raw.read_raw(raw, images[int(Path(first).stem)]) == jpegs[first]   # what it said it kept
 
 
 def test_label_rows_with_too_many_fields_or_huge_ids_are_skipped_by_line(demo_raw, tmp_path):
@@ -185,9 +186,9 @@ def test_second_run_on_one_folder_fails_fast_and_a_dead_runs_lock_is_taken_over(
 
 
 def test_an_unforeseen_error_skips_one_image_not_the_run(demo_raw, tmp_path, monkeypatch):
-    references = preprocess.raw_images(demo_raw, "test")
+    references = kaggle_raw.raw_images(demo_raw, "test")
     victim = min(references)
-    victim_bytes, crop = preprocess.read_raw(demo_raw, references[victim]), preprocess.crop_galaxy
+    victim_bytes, crop = kaggle_raw.read_raw(demo_raw, references[victim]), preprocess.crop_galaxy
 
     def crop_or_fail(data, cfg):   # the workers are forked, so they see this too
         if data == victim_bytes:
