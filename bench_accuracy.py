@@ -123,12 +123,18 @@ def _processed_for(settings, cfg, results_dir):
     return processed_dir
 
 
+def member_settings(variant, seed, overrides=None):
+    """An ensemble member's train.py settings: the stop-7 defaults, its variant, then the command
+    line's overrides (so --epochs=3 shortens every member), and its seed."""
+    return {**STOP7_DEFAULTS, **MEMBER_VARIANTS[variant], **(overrides or {}), "seed": seed}
+
+
 def _ensemble_row(name, members, cfg, overrides, results_dir):
     """Train the members that are not trained yet, then score the ensemble on the test split with TTA,
     beside its best and its mean member (predict.py's eval_test_members.csv)."""
     paths = []
     for variant, seed in members:
-        member = {**STOP7_DEFAULTS, **MEMBER_VARIANTS[variant], **overrides, "seed": seed}   # --epochs=3 shortens all
+        member = member_settings(variant, seed, overrides)
         processed_dir = _processed_for(build_config(member), cfg, results_dir)
         out_dir = results_dir / "members" / variant / f"member_{seed}"
         if not (out_dir / "best.pt").is_file() or not _run_script("train.py", [f"--out_dir={out_dir}", "--resume"]):

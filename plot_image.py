@@ -309,16 +309,12 @@ def main():
                 raise DataError("--similar needs --embeddings=<folder with embeddings.npy>, written by "
                                 "`python predict.py --split=all --embed`")
             neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features)
+        fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
+        path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))   # a full disk: DataError
     except (DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
-
-    fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
-    path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    except DataError as err:   # a full disk
         sys.exit(f"error: {err}")
     print(f"wrote {path}")
     if cfg.show:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, MEMBER_VARIANTS, STOP7_DEFAULTS
+from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
 from bench_gpu import NO_GPU, gpu_table
 from bench_scale import build_kaggle_zips
 from config import build_config
@@ -96,5 +96,5 @@ def test_accuracy_rows_and_ensemble_members_are_valid_configs():
     for _, members in ENSEMBLE_RUNS:
         assert len(set(members)) == len(members)   # a member twice would weigh double
         for variant, seed in members:
-            member = build_config({**STOP7_DEFAULTS, **MEMBER_VARIANTS[variant], "seed": seed}).validate()
+            member = build_config(member_settings(variant, seed)).validate()
             assert member.split_seed == 1337   # all score the same held-out galaxies

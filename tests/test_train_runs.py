@@ -1,5 +1,6 @@
 """train.py runs over time: resuming with changed settings, extending, fine-tuning, ensembles,
 the out_dir lock, and kills at any moment (checkpoint writes included)."""
+import builtins
 import os
 import random
 import shutil
@@ -14,7 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+import runs
 from config import Config
+from files import DataError
 from helpers import one_line_error, run_train, same_weights, save_checkpoint, weights
 from runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
 from train import make_optimizer
@@ -200,3 +203,18 @@ def test_sigkill_at_any_moment_never_leaves_a_run_stuck(full_run, data_args, tmp
     assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]
     assert same_weights(weights(full_run[0] / "last.pt"), weights(tmp_path / "last.pt"))
     assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), whose every write fails "
+                                                              "with ENOSPC as on a full disk")
+def test_a_checkpoint_written_to_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    """torch.save given a path says only "iostream error" on a full disk; through a file object the
+    real ENOSPC reaches atomic_write. The checkpoint already on disk stays whole."""
+    path = tmp_path / "last.pt"
+    runs.save_checkpoint(path, {"weights": torch.zeros(3)})
+    monkeypatch.setattr(runs, "open", lambda tmp, mode: builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(DataError, match=r"could not write .*last.pt: no space left on its disk"):
+        runs.save_checkpoint(path, {"weights": torch.ones(100_000)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
