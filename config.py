@@ -183,8 +183,10 @@ def parse_overrides(argv, positional=()):
             text = "true"
         overrides[key] = _parse_value(key, text, types[key])
     if len(values) != len(positional):
-        wanted = " ".join(f"<{name}>" for name in positional) or "no positional arguments"
-        raise ValueError(f"expected {wanted}, got {values or 'none'}")
+        wanted = " ".join(f"<{name}>" for name in positional)
+        got = " ".join(values) or "none"
+        raise ValueError(f"expected {wanted or 'no positional arguments'}, got {got}; "
+                         f"usage: python {_script_name()} {wanted + ' ' if wanted else ''}[--key=value ...] (--help)")
     return overrides, dict(zip(positional, values))
 
 

@@ -41,6 +41,13 @@ def test_positional_arguments():
         get_config([], positional=("galaxy_id",))
 
 
+def test_a_missing_or_extra_positional_argument_names_the_usage():
+    with pytest.raises(ValueError, match=r"expected <galaxy_id>, got none; usage: python .* <galaxy_id> \[--key"):
+        parse_overrides([], positional=("galaxy_id",))
+    with pytest.raises(ValueError, match="expected no positional arguments, got foo bar; usage"):
+        parse_overrides(["foo", "bar"])
+
+
 def test_demo_moves_paths_unless_given():
     cfg = build_config({"demo": True})
     assert cfg.raw_dir == "data/demo/raw" and cfg.processed_dir == "data/demo/processed"
