@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 
 CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
+KAGGLE_SIDE = 424                   # Kaggle's JPEGs are 424 x 424
 ROI_WORK_SIDE = 106                 # the ROI is found on a frame about this wide (424 / 4)
 ORIENTATION_TAG = 0x0112            # EXIF: how the stored pixels must be turned to stand upright
 
@@ -31,8 +32,14 @@ def _square_box(center_x, center_y, side, width, height):
 
 
 def center_box(width, height, cfg):
-    """The fixed central square of cfg.center_crop_size raw pixels (crop=center)."""
-    return _square_box(width / 2, height / 2, cfg.center_crop_size, width, height)
+    """The central square the network was trained on (crop=center).
+
+    cfg.center_crop_size is in pixels of Kaggle's 424-px frames; any other frame gives the same
+    fraction of its shorter side, so a cutout of another size, framed like Kaggle's, shows the
+    galaxy at the scale the network learned (a fixed pixel count would zoom it in or out).
+    """
+    side = cfg.center_crop_size * min(width, height) / KAGGLE_SIDE
+    return _square_box(width / 2, height / 2, side, width, height)
 
 
 def _mean3x3(gray):

@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 import crop
@@ -74,11 +75,23 @@ def test_crop_galaxy_roi_and_center():
     assert box == (106, 106, 318, 318) and cropped.size == (64, 64)
 
 
-def test_center_box_on_other_sizes():
+def test_center_box_takes_the_same_fraction_of_any_frame():
     cfg = build_config({"center_crop_size": 212})
     assert crop.center_box(424, 424, cfg) == (106, 106, 318, 318)
-    assert crop.center_box(600, 300, cfg) == (194, 44, 406, 256)
-    assert crop.center_box(150, 150, cfg) == (0, 0, 150, 150)
+    assert crop.center_box(212, 212, cfg) == (53, 53, 159, 159)
+    assert crop.center_box(600, 300, cfg) == (225, 75, 375, 225)      # half the shorter side
+    assert crop.center_box(424, 424, build_config({"center_crop_size": 600})) == (0, 0, 424, 424)
+
+
+def test_a_cutout_at_another_size_gives_the_kaggle_frame_s_crop():
+    cfg = build_config({"crop": "center"})
+    image = sky_with_galaxies()
+    small = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((212, 212), Image.BOX))
+    big = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((848, 848), Image.BOX))
+    kaggle_crop = np.asarray(crop.crop_galaxy(jpeg_bytes(image, quality=100), cfg)[0], float)
+    for cutout in (small, big):
+        cutout_crop = np.asarray(crop.crop_galaxy(jpeg_bytes(cutout, quality=100), cfg)[0], float)
+        assert np.abs(cutout_crop - kaggle_crop).mean() < 2   # grey levels of 0-255: the same view
 
 
 def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
