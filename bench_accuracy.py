@@ -78,6 +78,10 @@ ENSEMBLE_RUNS = [
     ("8 members, 4 crops x seeds 1337 and 1, all rzs80",
      [(variant, seed) for variant in ("rzs80", "center160_rzs80", "center128_rzs80", "roi_rzs80")
       for seed in (1337, 1)]),
+    # stop 11: four seeds of the three center crops (chosen on val among four; not better on test)
+    ("14 members, 3 center crops x seeds 1337 and 1-3 + ROI x seeds 1337 and 1, all rzs80",
+     [(variant, seed) for variant in ("rzs80", "center160_rzs80", "center128_rzs80") for seed in (1337, 1, 2, 3)]
+     + [("roi_rzs80", seed) for seed in (1337, 1)]),
 ]
 
 
