@@ -234,7 +234,11 @@ def crop_galaxy(source, cfg):
     if min(width, height) < cfg.image_size:
         raise BadImage(f"image too small: {width}x{height} < image_size {cfg.image_size}")
 
-    if cfg.crop == "center":
+    if width == height == cfg.image_size:
+        # already the network's input, e.g. one of preprocess.py's PNGs: cropping it again would zoom in
+        box = (0, 0, width, height)
+        image = _decode(image, 1, orientation)
+    elif cfg.crop == "center":
         box = center_box(width, height, cfg)
         image = _decode(image, _reduction_for(box[2] - box[0], cfg.image_size), orientation)
     else:

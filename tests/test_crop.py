@@ -94,6 +94,16 @@ def test_a_cutout_at_another_size_gives_the_kaggle_frame_s_crop():
         assert np.abs(cutout_crop - kaggle_crop).mean() < 2   # grey levels of 0-255: the same view
 
 
+@pytest.mark.parametrize("crop_kind", ["center", "roi"])
+def test_an_image_of_the_network_s_input_size_is_used_whole(crop_kind):
+    cfg = build_config({"crop": crop_kind})
+    made, _ = crop.crop_galaxy(jpeg_bytes(sky_with_galaxies(), quality=100), cfg)
+    png = io.BytesIO()
+    made.save(png, format="PNG")
+    again, box = crop.crop_galaxy(png.getvalue(), cfg)
+    assert box == (0, 0, 64, 64) and np.array_equal(np.asarray(again), np.asarray(made))
+
+
 def test_crop_galaxy_accepts_grayscale_and_rejects_junk(tmp_path):
     cfg = build_config({"crop": "roi"})
     cropped, _ = crop.crop_galaxy(jpeg_bytes(sky_with_galaxies(), mode="L"), cfg)
