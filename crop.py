@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
@@ -138,6 +138,8 @@ def _open(data):
     try:
         Image.MAX_IMAGE_PIXELS = None
         image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image: Pillow knows no image format that starts like this file") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"not an image: {err}") from None
     finally:

@@ -132,7 +132,7 @@ def test_predict_a_folder_with_two_checkpoints_and_tta(files, tmp_path, monkeypa
     assert sorted(reasons) == files["bad"]
     assert reasons["bomb.png"].startswith("too many pixels: 20000x20000")
     assert "too small" in reasons["small.jpg"] and reasons["empty.jpg"] == "empty file"
-    assert "not an image" in reasons["text.jpg"]
+    assert reasons["text.jpg"] == "not an image: Pillow knows no image format that starts like this file"
     # the 16-bit PNG named .jpg predicts like its 8-bit twin
     by_name = predictions.set_index(predictions["file"].map(lambda p: Path(p).name))[LABEL_COLUMNS]
     np.testing.assert_allclose(by_name.loc["sixteen.jpg"], by_name.loc["gray.png"], atol=0.02)
