@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from crop import KAGGLE_SIDE
 from dataset import LABEL_COLUMNS, QUESTIONS
 from files import atomic_write, temp_name
 from kaggle_raw import SPLIT_FOLDERS
@@ -24,7 +25,7 @@ from labels import SOLUTIONS
 from preprocess import run_pool
 
 DEMO_MARKER = "synthetic_demo.json"   # says a folder is ours to (re)write
-DEMO_SIDE = 424
+DEMO_SIDE = KAGGLE_SIDE              # Kaggle's 424 x 424 frames
 DEMO_KINDS = ("elliptical", "disk", "edge-on", "star")
 DEMO_KIND_ODDS = (0.38, 0.42, 0.15, 0.05)
 
