@@ -13,7 +13,7 @@ from scipy import ndimage
 
 CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
 KAGGLE_SIDE = 424                   # Kaggle's JPEGs are 424 x 424
-ROI_WORK_SIDE = 106                 # the ROI is found on a frame about this wide (424 / 4)
+ROI_WORK_SIDE = KAGGLE_SIDE // 4    # the ROI is found on a frame about this wide (106 px)
 ORIENTATION_TAG = 0x0112            # EXIF: how the stored pixels must be turned to stand upright
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from matplotlib.patches import Rectangle
 
-import labels
 import kaggle_raw
+import labels
 import preprocess
 from config import get_config
 from crop import CROP_KEYS, BadImage, crop_galaxy, read_image

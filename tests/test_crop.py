@@ -86,10 +86,10 @@ def test_center_box_takes_the_same_fraction_of_any_frame():
 def test_a_cutout_at_another_size_gives_the_kaggle_frame_s_crop():
     cfg = build_config({"crop": "center"})
     image = sky_with_galaxies()
-    small = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((212, 212), Image.BOX))
-    big = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((848, 848), Image.BOX))
+    frame = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     kaggle_crop = np.asarray(crop.crop_galaxy(jpeg_bytes(image, quality=100), cfg)[0], float)
-    for cutout in (small, big):
+    for side in (212, 848):
+        cutout = np.asarray(frame.resize((side, side), Image.BOX))
         cutout_crop = np.asarray(crop.crop_galaxy(jpeg_bytes(cutout, quality=100), cfg)[0], float)
         assert np.abs(cutout_crop - kaggle_crop).mean() < 2   # grey levels of 0-255: the same view
 
