@@ -67,7 +67,7 @@ class Config:
     lr: float = 1e-3              # Adam's peak learning rate
     weight_decay: float = 0.0     # Adam's L2 penalty on the weights
     schedule: str = "onecycle"    # learning rate schedule: onecycle | cosine (after a warm-up) | constant
-    amp: str = "auto"             # bf16 autocast: auto (CUDA: on; CPU: the faster, timed at start-up) | true | false
+    amp: str = "auto"             # bf16 autocast: auto (the faster here, CPU or GPU, timed at start-up) | true | false
     channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
     resume: bool = False          # continue from out_dir/last.pt
     init_from: str = ""           # a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)

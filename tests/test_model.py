@@ -106,6 +106,21 @@ def test_auto_numerics_on_cpu_time_a_copy_and_leave_weights_and_randomness_alone
     assert torch.equal(rng, torch.get_rng_state())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and the dev machine have none)")
+def test_auto_numerics_on_cuda_time_every_candidate_and_leave_weights_and_randomness_alone():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GalaxyCNN(image_size=32, output="tree", dropout=0.1).to(device)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    said = []
+    choice = choose_numerics("auto", "auto", model, device, 8, 32, True, log=said.append)
+    assert choice in [(False, False), (False, True), (True, False), (True, True)]
+    assert all(name in said[0] for name in ("fp32 NCHW", "fp32 channels_last", "bf16 NCHW", "bf16 channels_last"))
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and torch.equal(cuda_rng, torch.cuda.get_rng_state(device))
+
+
 def test_predict_in_bf16_channels_last_is_close_to_fp32():
     torch.manual_seed(0)
     model = GalaxyCNN(image_size=32, output="tree", dropout=0.1).eval()
