@@ -68,6 +68,7 @@ MEMBER_VARIANTS = {
     "center160_rzs160": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "center128_rzs160": {"crop": "center", "center_crop_size": 128, **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "roi_rzs160": {"crop": "roi", **ROTATE_ZOOM_SHIFT, "epochs": 160},
+    "center160_rzs120": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 120},
 }
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
@@ -93,6 +94,11 @@ ENSEMBLE_RUNS = [
      [("center160_rzs160", seed) for seed in range(101, 107)]
      + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
      + [("roi_rzs160", 101)]),
+    # stop 12's final choice by the same rule: the 17 + three CPU members of seed 1337
+    ("20 members: the 17 above + 160 px at 120 and 160 epochs and 212 px at 160 epochs, seed 1337",
+     [("center160_rzs160", seed) for seed in range(101, 107)]
+     + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
+     + [("roi_rzs160", 101), ("center160_rzs120", 1337), ("center160_rzs160", 1337), ("rzs160", 1337)]),
 ]
 
 
