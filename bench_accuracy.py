@@ -70,6 +70,10 @@ MEMBER_VARIANTS = {
     "roi_rzs160": {"crop": "roi", **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "center160_rzs120": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 120},
 }
+# stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
+STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
+                  + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
+                  + [("roi_rzs160", 101)])
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -88,17 +92,13 @@ ENSEMBLE_RUNS = [
     ("14 members, 3 center crops x seeds 1337 and 1-3 + ROI x seeds 1337 and 1, all rzs80",
      [(variant, seed) for variant in ("rzs80", "center160_rzs80", "center128_rzs80") for seed in (1337, 1, 2, 3)]
      + [("roi_rzs80", seed) for seed in (1337, 1)]),
-    # stop 12, chosen on val among four (benchmarks/ACCURACY.md): 17 members of 160 epochs, trained 12 at a time on
-    # one H200 (python bench.py accuracy --device=cuda trains them one after another)
+    # stop 12, chosen on val among four (benchmarks/ACCURACY.md); python bench.py accuracy --device=cuda trains
+    # the members one after another
     ("17 members, 160 epochs: 160 px x seeds 101-106, 212 and 128 px x 101-105, ROI x 101, all rotate/zoom/shift",
-     [("center160_rzs160", seed) for seed in range(101, 107)]
-     + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
-     + [("roi_rzs160", 101)]),
+     STOP12_MEMBERS),
     # stop 12's final choice by the same rule: the 17 + three CPU members of seed 1337
     ("20 members: the 17 above + 160 px at 120 and 160 epochs and 212 px at 160 epochs, seed 1337",
-     [("center160_rzs160", seed) for seed in range(101, 107)]
-     + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
-     + [("roi_rzs160", 101), ("center160_rzs120", 1337), ("center160_rzs160", 1337), ("rzs160", 1337)]),
+     STOP12_MEMBERS + [("center160_rzs120", 1337), ("center160_rzs160", 1337), ("rzs160", 1337)]),
 ]
 
 
