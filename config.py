@@ -50,6 +50,7 @@ class Config:
     seed: int = 1337              # initial weights, shuffling, augmentation and dropout; the --demo galaxies
     val_fraction: float = 0.1     # share of the labelled galaxies held out for validation
     test_fraction: float = 0.1    # share held out for the final test (predict.py --split=test)
+    train_on_val: bool = False    # final fit: the val galaxies are trained on too (no val RMSE; best.pt = last epoch)
     aug_flips: bool = True        # the 8 rotations/flips of the square
     aug_rotate: float = 0.0       # max extra rotation in degrees (0 = off)
     aug_shift: float = 0.0        # max shift as a fraction of the image side

@@ -259,6 +259,8 @@ def split_for_run(cfg, galaxy_ids, write=True):
         raise DataError(f"{path} was made for other galaxies than the {len(galaxy_ids)} in {cfg.processed_dir}; "
                         f"use a new --out_dir or delete it")
     split = make_split(galaxy_ids, cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
+    if cfg.train_on_val:  # the val galaxies move to train; test stays the split the tuned runs were scored on
+        split = {"train": np.union1d(split["train"], split["val"]), "val": split["val"][:0], "test": split["test"]}
     if write:
         os.makedirs(cfg.out_dir, exist_ok=True)
         save_split(split, path)

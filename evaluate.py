@@ -113,7 +113,8 @@ def evaluate_split(cfg, members, groups):
     split, split_path = shared_split(cfg.split, members)
     galaxy_ids = split[cfg.split]
     if not len(galaxy_ids):
-        raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {cfg.split}_fraction=0?)")
+        how = f"{cfg.split}_fraction=0" + (" or train_on_val" if cfg.split == "val" else "")
+        raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {how}?)")
     label_ids, vote_fractions = read_labels(cfg.processed_dir)
     row_of = {gid: row for row, gid in enumerate(label_ids.tolist())}
     missing = [gid for gid in galaxy_ids.tolist() + split["train"].tolist() if gid not in row_of]

@@ -31,8 +31,8 @@ CHANGEABLE_ON_RESUME = (
 )
 # ... and not these: they define what is trained, so a change would make one run of two halves
 FIXED_ON_RESUME = (
-    "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "output", "dropout",
-    "weight_decay", "init_from", *CROP_KEYS,
+    "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "train_on_val", "output",
+    "dropout", "weight_decay", "init_from", *CROP_KEYS,
     "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness",
 )
 

@@ -6,6 +6,7 @@
     python train.py --resume --epochs=60           # extend it: the lr schedule is re-planned
     python train.py --init_from=runs/best.pt --lr=1e-4 --out_dir=runs/tune   # fine-tune its weights
     python train.py --members=5 --out_dir=runs/ens # an ensemble: runs/ens/member_1 ... member_5
+    python train.py --train_on_val --out_dir=runs/final   # last step: train on the val galaxies too
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
 
 Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv and
@@ -40,9 +41,9 @@ from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, r
                   train_members)
 
 # the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction", "seed",
-               "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output", "dropout",
-               "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
+CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction",
+               "train_on_val", "seed", "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output",
+               "dropout", "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
                "image_size", "workers", "threads", "resume", "init_from", "members", "max_steps")
 
 STOP_SIGNAL = None  # set by the first SIGINT/SIGTERM; the loop saves last.pt at the next step and exits
@@ -158,9 +159,9 @@ def write_metrics(history, out_dir, baseline_rmse):
     atomic_write(os.path.join(out_dir, "metrics.csv"), lambda tmp: table.to_csv(tmp, index=False))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(table["epoch"], table["train_rmse"], "o-", label="train RMSE (augmented, dropout on)")
-    ax.plot(table["epoch"], table["val_rmse"], "s-", label="validation RMSE")
-    ax.axhline(baseline_rmse, color="gray", ls="--", label=f"predict the mean ({baseline_rmse:.4f})")
-    if table["val_rmse"].notna().any():
+    if table["val_rmse"].notna().any():   # a run without a val split draws its train curve alone
+        ax.plot(table["epoch"], table["val_rmse"], "s-", label="validation RMSE")
+        ax.axhline(baseline_rmse, color="gray", ls="--", label=f"predict the mean ({baseline_rmse:.4f})")
         best = table["val_rmse"].idxmin()
         ax.annotate(f"best {table['val_rmse'][best]:.4f}", (table["epoch"][best], table["val_rmse"][best]),
                     textcoords="offset points", xytext=(0, -16), ha="center")
@@ -235,8 +236,9 @@ def train(cfg, checkpoint, init_weights=None):
 
     if is_main:
         print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
-              f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | "
-              f"mean-prediction val RMSE {baseline_val_rmse:.4f}")
+              f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | " +
+              (f"mean-prediction val RMSE {baseline_val_rmse:.4f}" if len(val_rows) else
+               "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
 
     def save(*names):
         """Rank 0 writes the current state once under each name in out_dir."""
@@ -292,8 +294,9 @@ def train(cfg, checkpoint, init_weights=None):
         if improved:
             progress["best_val_rmse"] = val_rmse
         if is_main:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | val RMSE {val_rmse:.5f}"
-                  f"{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}")
+            print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | " +
+                  (f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}"
+                   if len(val_rows) else "no val split: best.pt is this epoch"))
             # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
             # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
             save(*(["best.pt", "last.pt"] if improved else ["last.pt"]))

@@ -6,7 +6,7 @@ from PIL import Image
 
 from config import Config
 from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, make_split,
-                     random_dihedral, read_labels, read_split, save_split, vote_summary)
+                     random_dihedral, read_labels, read_split, save_split, split_for_run, vote_summary)
 
 
 def write_processed(folder, galaxy_ids, labelled_ids=None, size=64):
@@ -36,6 +36,16 @@ def test_split_round_trips_through_csv(tmp_path):
     save_split(split, tmp_path / "split.csv")
     loaded = read_split(tmp_path / "split.csv")
     assert all(np.array_equal(split[s], loaded[s]) for s in split)
+
+
+def test_train_on_val_trains_on_the_val_galaxies_and_keeps_the_test_split(tmp_path):
+    galaxy_ids = np.arange(100, 1100)
+    tuned = split_for_run(Config(out_dir=str(tmp_path / "tuned")), galaxy_ids)
+    final = split_for_run(Config(out_dir=str(tmp_path / "final"), train_on_val=True), galaxy_ids)
+    assert np.array_equal(final["test"], tuned["test"])   # scored on the same galaxies as the runs tuned on val
+    assert np.array_equal(final["train"], np.union1d(tuned["train"], tuned["val"])) and len(final["val"]) == 0
+    saved = read_split(tmp_path / "final" / "split.csv")   # what --resume and predict.py read back
+    assert all(np.array_equal(saved[s], final[s]) for s in final)
 
 
 def test_training_set_pairs_pngs_with_labels_and_caches(tmp_path):

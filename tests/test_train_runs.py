@@ -18,7 +18,7 @@ import torch
 import runs
 from config import Config
 from files import DataError
-from helpers import one_line_error, run_train, same_weights, save_checkpoint, weights
+from helpers import one_line_error, run_script, run_train, same_weights, save_checkpoint, weights
 from runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
 from train import make_optimizer
 
@@ -117,6 +117,24 @@ def test_init_from_a_model_of_another_shape_is_refused(data_args, tmp_path):
     other = save_checkpoint(tmp_path / "big.pt", Config(image_size=96))
     result = run_train(*data_args, f"--init_from={other}", f"--out_dir={tmp_path / 'run'}", check=False)
     assert "holds a model for image_size 96" in one_line_error(result)
+
+
+def test_train_on_val_run_is_scored_on_test_and_refused_on_val(full_run, data_args, tmp_path):
+    final = tmp_path / "final"
+    result = run_train(*data_args, "--epochs=1", "--train_on_val", f"--out_dir={final}")
+    assert "0 val" in result.stdout and "no val split" in result.stdout and "test RMSE" in result.stdout
+    assert pd.read_csv(final / "metrics.csv")["val_rmse"].isna().all() and (final / "loss.png").is_file()
+    assert torch.load(final / "best.pt", weights_only=True)["epoch"] == 1   # no val to choose by: the last epoch
+    tuned = full_run[0] / "best.pt"
+    predict = [data_args[0], "--workers=1", "--amp=false", "--channels_last=false", f"--out_dir={tmp_path}"]
+    # the test split is shared, so a final-fit member joins an ensemble tuned on val
+    scored = run_script("predict.py", f"--checkpoint={tuned},{final / 'best.pt'}", "--split=test", *predict)
+    assert scored.returncode == 0 and "2 checkpoints" in scored.stdout, scored.stderr[-2000:]
+    # ... but never scores the val galaxies it trained on
+    mixed = run_script("predict.py", f"--checkpoint={tuned},{final / 'best.pt'}", "--split=val", *predict)
+    assert str(final / "best.pt") in one_line_error(mixed) and "train split" in one_line_error(mixed)
+    alone = run_script("predict.py", f"--checkpoint={final / 'best.pt'}", "--split=val", *predict)
+    assert "no val galaxies" in one_line_error(alone) and "train_on_val" in one_line_error(alone)
 
 
 def test_members_train_resume_and_skip_with_one_command(data_args, tmp_path):
