@@ -69,11 +69,21 @@ MEMBER_VARIANTS = {
     "center128_rzs160": {"crop": "center", "center_crop_size": 128, **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "roi_rzs160": {"crop": "roi", **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "center160_rzs120": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 120},
+    # stop 13: the stop-10 recipe as a final fit, trained on the val galaxies too (the test split is the same)
+    "rzs80_tv": {"crop": "center", **ROTATE_ZOOM_SHIFT, "epochs": 80, "train_on_val": True},
+    "center160_rzs80_tv": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 80,
+                           "train_on_val": True},
+    "center128_rzs80_tv": {"crop": "center", "center_crop_size": 128, **ROTATE_ZOOM_SHIFT, "epochs": 80,
+                           "train_on_val": True},
 }
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
 STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
                   + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
                   + [("roi_rzs160", 101)])
+STOP12_FINAL = STOP12_MEMBERS + [("center160_rzs120", 1337), ("center160_rzs160", 1337), ("rzs160", 1337)]
+# stop 13's final-fit members: seeds 201 and 202 of the three center crops, trained on train + val
+FINAL_FIT_MEMBERS = [(variant, seed) for seed in (201, 202)
+                     for variant in ("center160_rzs80_tv", "rzs80_tv", "center128_rzs80_tv")]
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -98,7 +108,11 @@ ENSEMBLE_RUNS = [
      STOP12_MEMBERS),
     # stop 12's final choice by the same rule: the 17 + three CPU members of seed 1337
     ("20 members: the 17 above + 160 px at 120 and 160 epochs and 212 px at 160 epochs, seed 1337",
-     STOP12_MEMBERS + [("center160_rzs120", 1337), ("center160_rzs160", 1337), ("rzs160", 1337)]),
+     STOP12_FINAL),
+    # stop 13, fixed before training (no val score is possible for a final-fit member): the 20 + the final fits
+    ("26 members: the 20 above + 6 trained on train + val (160, 212, 128 px x seeds 201, 202), rotate/zoom/shift",
+     STOP12_FINAL + FINAL_FIT_MEMBERS),
+    ("6 members trained on train + val alone", FINAL_FIT_MEMBERS),
 ]
 
 
