@@ -18,7 +18,7 @@ import tokenize
 from dataclasses import asdict, dataclass, fields
 
 
-def _cpu_count():
+def cpu_count():
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity mask
@@ -41,7 +41,7 @@ class Config:
     roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
     roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
     center_crop_size: int = 212   # side of the central crop in pixels of a 424-px Kaggle frame (crop=center)
-    workers: int = _cpu_count()   # processes for preprocessing, data loading and prediction
+    workers: int = cpu_count()   # processes for preprocessing, data loading and prediction
     demo_train: int = 2000        # synthetic training galaxies written by --demo
     demo_test: int = 200          # synthetic test galaxies written by --demo
 
@@ -73,6 +73,7 @@ class Config:
     resume: bool = False          # continue from out_dir/last.pt
     init_from: str = ""           # a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)
     members: int = 1              # ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...
+    members_at_once: int = 1      # ensemble: train this many members side by side (sharing the CPU's cores or one GPU)
     max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
     threads: int = 0              # torch CPU threads (0 = torch's default)
 
@@ -114,6 +115,7 @@ class Config:
             (0 <= self.dropout < 1, "dropout must lie in [0, 1)"),
             (self.workers >= 1, "workers must be at least 1"),
             (self.members >= 1, "members must be at least 1"),
+            (self.members_at_once >= 1, "members_at_once must be at least 1"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1,
              "val_fraction + test_fraction must be below 1"),

@@ -1,6 +1,7 @@
 """A run's folder and its life: the config a run gets (its saved config as the base on --resume),
 what --resume may change, --init_from's weights, the out_dir lock, writing checkpoints, a missing
-best.pt given back, and an ensemble's members trained one train.py process after another."""
+best.pt given back, and an ensemble's members trained as train.py processes, one after another or
+side by side."""
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 import torch
 
 import preprocess
-from config import build_config, config_from_dict
+from config import build_config, config_from_dict, cpu_count
 from crop import CROP_KEYS
 from files import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
 from model import CheckpointError, read_checkpoint
@@ -25,7 +26,8 @@ CHANGEABLE_ON_RESUME = (
     "epochs", "lr",                                   # the lr schedule is re-planned from the current step
     "max_steps", "threads", "workers", "device", "amp", "channels_last",   # how, not what, it computes
     "out_dir", "processed_dir",                       # checked: the same galaxies (split.csv) and crop keys
-    "resume", "members", "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",   # not read by a resumed run
+    "resume", "members", "members_at_once",           # not read by a resumed run, nor are the next
+    "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",
     "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
     "scale",                                          # bench.py only
 )
@@ -151,14 +153,17 @@ def claim_out_dir(out_dir):
 
 
 def train_members(cfg, argv):
-    """Train an ensemble's members one after another, each a train.py process of its own in
-    out_dir/member_<k> with seed cfg.seed + k - 1 and the same split_seed (so the same val and test
-    galaxies). Re-running the same command resumes an unfinished member and skips finished ones."""
+    """Train an ensemble's members, each a train.py process of its own in out_dir/member_<k> with
+    seed cfg.seed + k - 1 and the same split_seed (so the same val and test galaxies), one after
+    another or members_at_once side by side. Re-running the same command resumes an unfinished
+    member and skips finished ones."""
     lock = claim_out_dir(cfg.out_dir)  # noqa: F841 (held open): one ensemble command at a time
-    passed = [arg for arg in argv if arg.split("=")[0] not in ("--members", "--out_dir", "--seed", "--resume")]
+    own_keys = ("--members", "--out_dir", "--seed", "--resume", "--members_at_once")
+    passed = [arg for arg in argv if arg.split("=")[0] not in own_keys]
+    pending = []
     for k in range(1, cfg.members + 1):
-        member_dir = os.path.join(cfg.out_dir, f"member_{k}")
-        args = [*passed, f"--out_dir={member_dir}", f"--seed={cfg.seed + k - 1}", "--members=1"]
+        member_dir, seed = os.path.join(cfg.out_dir, f"member_{k}"), cfg.seed + k - 1
+        args = [*passed, f"--out_dir={member_dir}", f"--seed={seed}", "--members=1"]
         last = os.path.join(member_dir, "last.pt")
         if os.path.isfile(last):
             checkpoint = read_checkpoint(last)
@@ -167,22 +172,67 @@ def train_members(cfg, argv):
                 continue
             # its weights are in last.pt now; --init_from is for starting a run only
             args = [arg for arg in args if not arg.startswith("--init_from")] + ["--resume"]
-        print(f"member {k} of {cfg.members}: seed {cfg.seed + k - 1} -> {member_dir}", flush=True)
-        code = run_member([sys.executable, TRAIN_SCRIPT, *args])
-        if code:
-            print(f"member {k} stopped (exit {code}); run the same command again to continue")
-            return code
-    return 0
+        command = [sys.executable, "-u", TRAIN_SCRIPT, *args]   # -u: a log file gets each line as it is printed
+        pending.append((f"member {k} of {cfg.members}: seed {seed}", member_dir, command))
+    at_once = min(cfg.members_at_once, len(pending))
+    if at_once > 1 and not cfg.threads:   # side by side, the CPU's cores are shared out, not oversubscribed
+        for _, _, command in pending:
+            command.append(f"--threads={max(1, cpu_count() // at_once)}")
+    return run_members(pending, at_once)
 
 
-def run_member(command):
-    """Run a member's train.py and return its exit code, passing it our SIGINT/SIGTERM once: in
-    its own session, so a terminal's Ctrl-C reaches it only through us (not twice)."""
-    member = subprocess.Popen(command, start_new_session=True)
-    forward = lambda signum, frame: member.send_signal(signum)  # noqa: E731
+def run_members(pending, at_once):
+    """Run the pending (name, member_dir, command) members, at most at_once at a time, and return
+    the first non-zero exit code (0 if all finish). Each runs in its own session, so a terminal's
+    Ctrl-C reaches it only through us (not twice): SIGINT/SIGTERM is passed to every running
+    member, which saves last.pt and exits, and no further member starts; nor after a failure.
+    Side by side, each member writes to member_dir/train.log instead of the terminal."""
+    running = {}   # process -> (name, its log file or None)
+    stopped_by = []
+
+    def forward(signum, frame):
+        stopped_by.append(signum)
+        for process in running:
+            process.send_signal(signum)
+
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
     try:
-        return member.wait()
+        while running or (pending and not stopped_by and not code):
+            while pending and len(running) < at_once and not stopped_by and not code:
+                name, member_dir, command = pending.pop(0)
+                log = None
+                if at_once > 1:
+                    os.makedirs(member_dir, exist_ok=True)
+                    log = open(os.path.join(member_dir, "train.log"), "a")
+                print(f"{name} -> {member_dir}" + (f" (log: {log.name})" if log else ""), flush=True)
+                process = subprocess.Popen(command, start_new_session=True, stdout=log,
+                                           stderr=subprocess.STDOUT if log else None)
+                running[process] = (name.split(":")[0], log)
+                if stopped_by:   # the signal came between Popen and the line above
+                    process.send_signal(stopped_by[0])
+            finished = [process for process in running if process.poll() is not None]
+            if not finished:
+                time.sleep(0.2)
+            for process in finished:
+                name, log = running.pop(process)
+                said = f": {last_line(log.name)}" if log else ""
+                if log:
+                    log.close()
+                if process.returncode:
+                    code = code or process.returncode
+                    print(f"{name} stopped (exit {process.returncode}){said}; run the same command again to continue",
+                          flush=True)
+                elif log:
+                    print(f"{name} finished{said}", flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    return code
+
+
+def last_line(path):
+    """The last line a member wrote to its log (its test RMSE, or its error), progress bars aside."""
+    with open(path, encoding="utf-8", errors="replace") as log:
+        lines = [line.strip() for line in log.read().replace("\r", "\n").split("\n")]
+    return next((line for line in reversed(lines) if line and "img/s" not in line), "(nothing written)")

@@ -6,6 +6,7 @@
     python train.py --resume --epochs=60           # extend it: the lr schedule is re-planned
     python train.py --init_from=runs/best.pt --lr=1e-4 --out_dir=runs/tune   # fine-tune its weights
     python train.py --members=5 --out_dir=runs/ens # an ensemble: runs/ens/member_1 ... member_5
+    python train.py --members=4 --members_at_once=2 --out_dir=runs/ens   # two members side by side
     python train.py --train_on_val --out_dir=runs/final   # last step: train on the val galaxies too
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
 
@@ -44,7 +45,8 @@ from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, r
 CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction",
                "train_on_val", "seed", "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output",
                "dropout", "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
-               "image_size", "workers", "threads", "resume", "init_from", "members", "max_steps")
+               "image_size", "workers", "threads", "resume", "init_from", "members", "members_at_once",
+               "max_steps")
 
 STOP_SIGNAL = None  # set by the first SIGINT/SIGTERM; the loop saves last.pt at the next step and exits
 STOP_REQUESTS = 0

@@ -151,6 +151,38 @@ def test_members_train_resume_and_skip_with_one_command(data_args, tmp_path):
     assert splits[0] == splits[1]   # one split_seed: the same val and test galaxies
 
 
+def test_members_side_by_side_stop_together_and_match_one_after_another(data_args, tmp_path):
+    ensemble = [*data_args, "--members=2", "--epochs=10"]
+    run_train(*ensemble, f"--out_dir={tmp_path / 'one_by_one'}")
+    side_by_side = [*ensemble, "--members_at_once=2", f"--out_dir={tmp_path / 'side'}"]
+    process = start_train(*side_by_side)
+    logs = [tmp_path / "side" / f"member_{k}" / "train.log" for k in (1, 2)]
+    wait_for(lambda: all(log.exists() and "epoch 1:" in log.read_text() for log in logs), process)
+    process.send_signal(signal.SIGINT)   # Ctrl-C: passed to both members, each saves last.pt
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and output.count("stopped (exit 130)") == 2, output
+    assert all((tmp_path / "side" / f"member_{k}" / "last.pt").is_file() for k in (1, 2))
+    finished = run_train(*side_by_side)   # the same command finishes both
+    assert finished.stdout.count("finished: test RMSE") == 2, finished.stdout
+    for k in (1, 2):
+        assert "resumed from" in logs[k - 1].read_text()
+        assert same_weights(weights(tmp_path / "one_by_one" / f"member_{k}" / "last.pt"),
+                            weights(tmp_path / "side" / f"member_{k}" / "last.pt"))
+
+
+def test_members_side_by_side_share_out_the_cpu_threads(tmp_path, monkeypatch):
+    started = {}
+    monkeypatch.setattr(runs, "run_members", lambda pending, at_once: started.update(pending=pending, at_once=at_once))
+    cfg = Config(members=3, members_at_once=2, out_dir=str(tmp_path / "a"))
+    runs.train_members(cfg, ["--members=3", "--members_at_once=2"])
+    assert started["at_once"] == 2 and len(started["pending"]) == 3
+    threads = f"--threads={max(1, runs.cpu_count() // 2)}"
+    assert all(command[-1] == threads and "--members=1" in command for _, _, command in started["pending"])
+    cfg = Config(members=3, members_at_once=2, threads=1, out_dir=str(tmp_path / "b"))   # a's lock lasts the process
+    runs.train_members(cfg, ["--members=3", "--members_at_once=2", "--threads=1"])   # the user's own is kept
+    assert all(command.count("--threads=1") == 1 for _, _, command in started["pending"])
+
+
 # --- the out_dir lock ---------------------------------------------------------------------
 
 def test_second_run_into_a_locked_out_dir_fails_fast_until_the_holder_dies(data_args, tmp_path):
