@@ -10,7 +10,9 @@ to finish within 8 minutes on one GPU, closing with a Markdown table for benchma
    the model-only inference rate: on 5,000 PNGs and on 500 of them, so that the rate beyond the
    process's start-up shows (on a GPU the start-up is most of a 5,000-image run);
 5. a one-GPU torchrun run of train.py (python -m torch.distributed.run --standalone
-   --nproc_per_node=1, 20 steps on the synthetic set), whose checkpoint step 4 predicts with.
+   --nproc_per_node=1, 20 steps on the synthetic set), whose checkpoint step 4 predicts with;
+6. an ensemble's members side by side (train.py --members_at_once=8) against one member alone,
+   on the synthetic set: how many more members an hour the GPU gives that way.
 
 Without a CUDA GPU it stops at once with a one-line error.
 """
@@ -39,6 +41,7 @@ NO_GPU = "error: bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is Fal
 DEMO_TRAIN, DEMO_TEST = 2_000, 5_000   # enough test images for predict.py to reach its steady rate
 SMALL_TEST = 500   # predict.py on this many of them too: the difference is the rate beyond start-up
 TORCHRUN_STEPS = 20
+SIDE_BY_SIDE, SIDE_BY_SIDE_EPOCHS = 8, 60   # members at once, and each one's epochs on the 1,600 train PNGs
 TARGET_EPOCH_S = 10       # one 61,578-image epoch on one H100
 TARGET_TOTAL_S = 8 * 60
 STEP_TIMEOUT_S = 240      # no single step may eat the whole budget
@@ -56,13 +59,19 @@ def cuda_tests():
     return {**counts, "exit": code, "seconds": seconds}
 
 
-def torchrun_and_predict(cfg, overrides, folder):
-    """Train TORCHRUN_STEPS steps under torchrun on a synthetic set, then predict.py its test set
-    without and with TTA; the results of both steps."""
-    raw, processed, run = folder / "raw", folder / "processed", folder / "run"
+def synthetic_set(cfg, folder):
+    """The processed folder of a synthetic set of DEMO_TRAIN + DEMO_TEST galaxies made in folder."""
+    raw, processed = folder / "raw", folder / "processed"
     demo.make_demo(raw, DEMO_TRAIN, DEMO_TEST, cfg.seed, workers=cfg.workers, progress=False)
     preprocess.preprocess(build_config({"raw_dir": str(raw), "processed_dir": str(processed),
                                         "workers": cfg.workers}), progress=False)
+    return processed
+
+
+def torchrun_and_predict(cfg, overrides, folder, processed):
+    """Train TORCHRUN_STEPS steps under torchrun on the synthetic set, then predict.py its test set
+    without and with TTA; the results of both steps."""
+    run = folder / "run"
     train_command = script_command("train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1",
                                                 f"--max_steps={TORCHRUN_STEPS}"], overrides, train_script.CONFIG_KEYS)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_command[1:]]
@@ -92,6 +101,24 @@ def torchrun_and_predict(cfg, overrides, folder):
               f"({results[key]:.0f} img/s), {SMALL_TEST} in {seconds['small']:.1f} s: "
               f"{results[key + '_beyond']:.0f} img/s beyond {results[key + '_startup']:.1f} s of start-up", flush=True)
     return results
+
+
+def members_side_by_side(overrides, folder, processed):
+    """Wall seconds of train.py for one member alone and for SIDE_BY_SIDE members at once
+    (--members_at_once), SIDE_BY_SIDE_EPOCHS epochs each with the ensemble recipe's augmentation,
+    start-up included as a user meets it; and how many more members an hour side by side gives."""
+    seconds = {}
+    for at_once in (1, SIDE_BY_SIDE):
+        args = [f"--processed_dir={processed}", f"--out_dir={folder / f'members_{at_once}'}",
+                f"--epochs={SIDE_BY_SIDE_EPOCHS}", f"--members={at_once}", f"--members_at_once={at_once}",
+                "--aug_rotate=180", "--aug_zoom=0.1", "--aug_shift=0.03"]
+        code, seconds[at_once], _, output = run_command(
+            script_command("train.py", args, overrides, train_script.CONFIG_KEYS), timeout=STEP_TIMEOUT_S)
+        check(code, output, f"train.py --members={at_once} --members_at_once={at_once}")
+    gain = SIDE_BY_SIDE * seconds[1] / seconds[SIDE_BY_SIDE]
+    print(f"members side by side: {SIDE_BY_SIDE} in {seconds[SIDE_BY_SIDE]:.1f} s, one alone in {seconds[1]:.1f} s: "
+          f"{gain:.2f}x the members an hour", flush=True)
+    return {"alone_seconds": seconds[1], "side_by_side_seconds": seconds[SIDE_BY_SIDE], "side_by_side_gain": gain}
 
 
 def small_processed_copy(processed, small, count):
@@ -147,6 +174,9 @@ def gpu_table(results, title):
          f"{results['predict_tta_beyond'] / tta_model:.2f}"),
         (f"torchrun, 1 GPU, {TORCHRUN_STEPS} steps of train.py", f"{'ok' if results['torchrun_ok'] else 'FAILED'} in "
          f"{results['torchrun_seconds']:.1f} s", "succeeds"),
+        (f"{SIDE_BY_SIDE} members side by side (`--members_at_once`), {SIDE_BY_SIDE_EPOCHS} epochs each",
+         f"{results['side_by_side_seconds']:.1f} s; one alone {results['alone_seconds']:.1f} s",
+         f"more members an hour than one after another: {results['side_by_side_gain']:.2f}×"),
         ("the whole check", f"{results['total_seconds']:.0f} s",
          f"< {TARGET_TOTAL_S // 60} min: {'met' if results['total_seconds'] < TARGET_TOTAL_S else 'NOT met'}"),
     ]
@@ -167,7 +197,9 @@ def bench_gpu(cfg, overrides):
                    inference=train["inference"][train["auto_inference"]],
                    inference_numerics=numerics_name(*train["auto_inference"]), epoch_seconds=train["epoch_seconds"])
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as folder:
-        results.update(torchrun_and_predict(cfg, {**overrides, "device": "cuda"}, Path(folder)))
+        processed = synthetic_set(cfg, Path(folder))
+        results.update(torchrun_and_predict(cfg, {**overrides, "device": "cuda"}, Path(folder), processed))
+        results.update(members_side_by_side({**overrides, "device": "cuda"}, Path(folder), processed))
     # at predict.py's own batch size and numerics, so the ratio is the cost of reading the images alone
     results["model_inference"] = model_only_rate(cfg, device, 16_384, tta=False)
     results["total_seconds"] = time.perf_counter() - started

@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
-from bench_gpu import NO_GPU, beyond_startup, gpu_table, small_processed_copy
+import bench_gpu
+from bench_gpu import NO_GPU, beyond_startup, gpu_table, members_side_by_side, small_processed_copy
 from bench_scale import build_kaggle_zips
 from config import build_config
 from helpers import REPO, run_script
@@ -78,7 +80,8 @@ def test_gpu_table_formats_a_run():
                "predict_beyond": 95_000.0, "predict_startup": 3.01, "predict_tta": 4_000.0,
                "predict_tta_beyond": 12_000.0, "predict_tta_startup": 3.2, "model_inference": 100_000.0,
                "torchrun_ok": True,
-               "torchrun_seconds": 12.34, "total_seconds": 190.0}
+               "torchrun_seconds": 12.34, "alone_seconds": 20.0, "side_by_side_seconds": 80.0,
+               "side_by_side_gain": 2.0, "total_seconds": 190.0}
     lines = gpu_table(results, "### title").splitlines()
     assert lines[:4] == ["### title", "", "| check | result | goal |", "|---|---|---|"]
     assert "| CUDA tests (`pytest -q -k cuda tests/`) | 1 passed, 0 failed, 0 skipped, 0 errors, exit 0 (31 s) " \
@@ -91,8 +94,21 @@ def test_gpu_table_formats_a_run():
     assert ("| predict.py --tta, 5,000 PNGs | 4,000 img/s in all; 12,000 img/s beyond 3.2 s of start-up "
             "| ≥ 0.9 × model only / 8 (12,500 img/s), beyond start-up: 0.96 |" in lines)
     assert "| torchrun, 1 GPU, 20 steps of train.py | ok in 12.3 s | succeeds |" in lines
+    assert ("| 8 members side by side (`--members_at_once`), 60 epochs each | 80.0 s; one alone 20.0 s "
+            "| more members an hour than one after another: 2.00× |" in lines)
     assert "| the whole check | 190 s | < 8 min: met |" in lines
-    assert len(lines) == 4 + 9
+    assert len(lines) == 4 + 10
+
+
+def test_members_side_by_side_check_trains_both_ways(demo_processed, tmp_path, monkeypatch):
+    # the GPU check's train.py calls on the CPU, shortened: 2 members at once, 1 epoch
+    monkeypatch.setattr(bench_gpu, "SIDE_BY_SIDE", 2)
+    monkeypatch.setattr(bench_gpu, "SIDE_BY_SIDE_EPOCHS", 1)
+    overrides = {"device": "cpu", "threads": 1, "batch_size": 16, "amp": "false", "channels_last": "false"}
+    result = members_side_by_side(overrides, tmp_path, Path(demo_processed.processed_dir))
+    assert (tmp_path / "members_1" / "best.pt").is_file()
+    assert all((tmp_path / "members_2" / f"member_{k}" / "train.log").is_file() for k in (1, 2))
+    assert result["side_by_side_gain"] == pytest.approx(2 * result["alone_seconds"] / result["side_by_side_seconds"])
 
 
 def test_predict_rate_beyond_start_up_comes_from_the_small_and_the_full_run():
