@@ -41,7 +41,7 @@ class Config:
     roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
     roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
     center_crop_size: int = 212   # side of the central crop in pixels of a 424-px Kaggle frame (crop=center)
-    workers: int = cpu_count()   # processes for preprocessing, data loading and prediction
+    workers: int = cpu_count()    # processes for preprocessing, data loading and prediction
     demo_train: int = 2000        # synthetic training galaxies written by --demo
     demo_test: int = 200          # synthetic test galaxies written by --demo
 

@@ -11,7 +11,8 @@
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
 
 Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv and
-out_dir/loss.png are rewritten, best.pt is saved when val RMSE improves, then last.pt.
+out_dir/loss.png are rewritten, best.pt is saved when val RMSE improves (every epoch when there
+is no val split, as with --train_on_val), then last.pt.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
 A run holds out_dir/.lock: a second run into the same out_dir stops at once.
 """
