@@ -33,6 +33,7 @@ import predict as predict_script
 import preprocess
 import train as train_script
 from bench import INFERENCE_BATCH, bench_train, machine_name
+from bench_accuracy import ROTATE_ZOOM_SHIFT
 from bench_scale import check, model_only_rate, run_command, script_command
 from config import build_config
 from model import numerics_name
@@ -111,7 +112,7 @@ def members_side_by_side(overrides, folder, processed):
     for at_once in (1, SIDE_BY_SIDE):
         args = [f"--processed_dir={processed}", f"--out_dir={folder / f'members_{at_once}'}",
                 f"--epochs={SIDE_BY_SIDE_EPOCHS}", f"--members={at_once}", f"--members_at_once={at_once}",
-                "--aug_rotate=180", "--aug_zoom=0.1", "--aug_shift=0.03"]
+                *(f"--{key}={value}" for key, value in ROTATE_ZOOM_SHIFT.items())]
         code, seconds[at_once], _, output = run_command(
             script_command("train.py", args, overrides, train_script.CONFIG_KEYS), timeout=STEP_TIMEOUT_S)
         check(code, output, f"train.py --members={at_once} --members_at_once={at_once}")
