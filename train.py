@@ -192,6 +192,7 @@ def train(cfg, checkpoint, init_weights=None):
     galaxy_ids, images, vote_fractions = load_training_set(cfg)
     split = split_for_run(cfg, galaxy_ids, write=is_main)
     train_rows, val_rows = rows_of(galaxy_ids, split["train"]), rows_of(galaxy_ids, split["val"])
+    has_val = len(val_rows) > 0   # not with --train_on_val: best.pt is then the last epoch
     if len(train_rows) < cfg.batch_size * world_size:
         raise DataError(f"only {len(train_rows)} training galaxies for batch_size={cfg.batch_size} "
                         f"x {world_size} processes; use a smaller --batch_size or more data")
@@ -202,7 +203,7 @@ def train(cfg, checkpoint, init_weights=None):
     test_images, test_targets = images[test_rows], vote_fractions[test_rows]
     del images   # the splits are copies: the whole set (0.76 GB at Kaggle's size) need not stay beside them
     mean_prediction = vote_fractions[train_rows].mean(0)
-    baseline_val_rmse = rmse(mean_prediction.expand_as(val_targets), val_targets) if len(val_rows) else float("nan")
+    baseline_val_rmse = rmse(mean_prediction.expand_as(val_targets), val_targets) if has_val else float("nan")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg).to(device)
@@ -240,7 +241,7 @@ def train(cfg, checkpoint, init_weights=None):
     if is_main:
         print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
               f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | " +
-              (f"mean-prediction val RMSE {baseline_val_rmse:.4f}" if len(val_rows) else
+              (f"mean-prediction val RMSE {baseline_val_rmse:.4f}" if has_val else
                "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
 
     def save(*names):
@@ -285,7 +286,7 @@ def train(cfg, checkpoint, init_weights=None):
 
         train_loss = progress["epoch_loss_sum"] / steps_per_epoch
         val_rmse = rmse(predict(raw_model, val_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
-                        val_targets) if len(val_rows) else float("nan")
+                        val_targets) if has_val else float("nan")
         seconds = time.time() - started
         progress["history"].append({
             "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
@@ -293,13 +294,13 @@ def train(cfg, checkpoint, init_weights=None):
             "img_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 1),
             "numerics": numerics_name(numerics["amp"], numerics["channels_last"])})
         progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
-        improved = val_rmse < progress["best_val_rmse"] or not len(val_rows)  # no val: best = last
+        improved = val_rmse < progress["best_val_rmse"] or not has_val  # no val: best = last
         if improved:
             progress["best_val_rmse"] = val_rmse
         if is_main:
             print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | " +
                   (f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}"
-                   if len(val_rows) else "no val split: best.pt is this epoch"))
+                   if has_val else "no val split: best.pt is this epoch"))
             # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
             # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
             save(*(["best.pt", "last.pt"] if improved else ["last.pt"]))

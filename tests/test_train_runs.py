@@ -152,12 +152,14 @@ def test_members_train_resume_and_skip_with_one_command(data_args, tmp_path):
 
 
 def test_members_side_by_side_stop_together_and_match_one_after_another(data_args, tmp_path):
-    ensemble = [*data_args, "--members=2", "--epochs=10"]
+    ensemble = [*data_args, "--members=2", "--epochs=4"]
     run_train(*ensemble, f"--out_dir={tmp_path / 'one_by_one'}")
     side_by_side = [*ensemble, "--members_at_once=2", f"--out_dir={tmp_path / 'side'}"]
     process = start_train(*side_by_side)
     logs = [tmp_path / "side" / f"member_{k}" / "train.log" for k in (1, 2)]
-    wait_for(lambda: all(log.exists() and "epoch 1:" in log.read_text() for log in logs), process)
+    # both members in their first epoch (its progress bar comes after the signal handlers): far
+    # from the end, so the stop lands mid-run in each, and its resume is mid-epoch
+    wait_for(lambda: all(log.exists() and "epoch 1/4" in log.read_text() for log in logs), process)
     process.send_signal(signal.SIGINT)   # Ctrl-C: passed to both members, each saves last.pt
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT and output.count("stopped (exit 130)") == 2, output
