@@ -90,7 +90,7 @@ def test_auto_numerics_are_timed_recorded_and_kept_on_resume(demo_processed, tmp
 
 
 def test_sigint_saves_last_checkpoint_and_resume_finishes_the_run(data_args, tmp_path):
-    args = [sys.executable, "-u", str(REPO / "train.py"), *data_args, "--epochs=6", f"--out_dir={tmp_path / 'a'}"]
+    args = [sys.executable, "-u", str(REPO / "train.py"), *data_args, "--epochs=3", f"--out_dir={tmp_path / 'a'}"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in process.stdout:  # wait until training is under way
         if line.startswith("epoch 1:"):
@@ -100,9 +100,9 @@ def test_sigint_saves_last_checkpoint_and_resume_finishes_the_run(data_args, tmp
     assert process.wait(timeout=120) == 128 + signal.SIGINT
     assert "stopped by signal" in output
     saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    assert 1 <= saved["epoch"] < 6
+    assert 1 <= saved["epoch"] < 3
     run_train(f"--out_dir={tmp_path / 'a'}", "--resume")
-    run_train(*data_args, "--epochs=6", f"--out_dir={tmp_path / 'b'}")
+    run_train(*data_args, "--epochs=3", f"--out_dir={tmp_path / 'b'}")
     assert same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
 
 
