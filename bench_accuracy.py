@@ -69,6 +69,9 @@ MEMBER_VARIANTS = {
     "center128_rzs160": {"crop": "center", "center_crop_size": 128, **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "roi_rzs160": {"crop": "roi", **ROTATE_ZOOM_SHIFT, "epochs": 160},
     "center160_rzs120": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 120},
+    # stop 14: the 160-px recipe with brightness augmentation (not adopted: 0.00025 better on val)
+    "center160_rzs80_b10": {"crop": "center", "center_crop_size": 160, **ROTATE_ZOOM_SHIFT, "epochs": 80,
+                            "aug_brightness": 0.1},
 }
 # stop 13: the stop-10 recipe as a final fit, trained on the val galaxies too (the test split is the same)
 MEMBER_VARIANTS.update({f"{variant}_tv": {**MEMBER_VARIANTS[variant], "train_on_val": True}
@@ -81,6 +84,8 @@ STOP12_FINAL = STOP12_MEMBERS + [("center160_rzs120", 1337), ("center160_rzs160"
 # stop 13's final-fit members: seeds 201 and 202 of the three center crops, trained on train + val
 FINAL_FIT_MEMBERS = [(variant, seed) for seed in (201, 202)
                      for variant in ("center160_rzs80_tv", "rzs80_tv", "center128_rzs80_tv")]
+# stop 14's: more seeds of the two best final-fit crops
+STOP14_FINAL_FIT = [(variant, seed) for seed in (203, 204) for variant in ("center160_rzs80_tv", "center128_rzs80_tv")]
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -110,6 +115,10 @@ ENSEMBLE_RUNS = [
     ("26 members: the 20 above + 6 trained on train + val (160, 212, 128 px x seeds 201, 202), rotate/zoom/shift",
      STOP12_FINAL + FINAL_FIT_MEMBERS),
     ("6 members trained on train + val alone", FINAL_FIT_MEMBERS),
+    # stop 14, fixed before training: the 26 + four more final fits of the two best crops
+    ("30 members: the 26 above + 4 trained on train + val (160, 128 px x seeds 203, 204), rotate/zoom/shift",
+     STOP12_FINAL + FINAL_FIT_MEMBERS + STOP14_FINAL_FIT),
+    ("10 members trained on train + val alone", FINAL_FIT_MEMBERS + STOP14_FINAL_FIT),
 ]
 
 
