@@ -192,7 +192,7 @@ def train(cfg, checkpoint, init_weights=None):
     galaxy_ids, images, vote_fractions = load_training_set(cfg)
     split = split_for_run(cfg, galaxy_ids, write=is_main)
     train_rows, val_rows = rows_of(galaxy_ids, split["train"]), rows_of(galaxy_ids, split["val"])
-    has_val = len(val_rows) > 0   # not with --train_on_val: best.pt is then the last epoch
+    has_val = len(val_rows) > 0   # none with --train_on_val or val_fraction=0: best.pt is then the last epoch
     if len(train_rows) < cfg.batch_size * world_size:
         raise DataError(f"only {len(train_rows)} training galaxies for batch_size={cfg.batch_size} "
                         f"x {world_size} processes; use a smaller --batch_size or more data")

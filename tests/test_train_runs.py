@@ -157,8 +157,8 @@ def test_members_side_by_side_stop_together_and_match_one_after_another(data_arg
     side_by_side = [*ensemble, "--members_at_once=2", f"--out_dir={tmp_path / 'side'}"]
     process = start_train(*side_by_side)
     logs = [tmp_path / "side" / f"member_{k}" / "train.log" for k in (1, 2)]
-    # both members in their first epoch (its progress bar comes after the signal handlers): far
-    # from the end, so the stop lands mid-run in each, and its resume is mid-epoch
+    # both members in their first epoch (its progress bar starts after the signal handlers are set):
+    # each stops mid-epoch, epochs before its end, and resumes mid-epoch
     wait_for(lambda: all(log.exists() and "epoch 1/4" in log.read_text() for log in logs), process)
     process.send_signal(signal.SIGINT)   # Ctrl-C: passed to both members, each saves last.pt
     output, _ = process.communicate(timeout=120)
