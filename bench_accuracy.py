@@ -75,6 +75,9 @@ MEMBER_VARIANTS.update({f"{variant}_tv": {**MEMBER_VARIANTS[variant], "train_on_
                         for variant in ("rzs80", "center160_rzs80", "center128_rzs80")})
 # stop 14: the 160-px recipe with brightness augmentation (not adopted: 0.00025 better on val)
 MEMBER_VARIANTS["center160_rzs80_b10"] = {**MEMBER_VARIANTS["center160_rzs80"], "aug_brightness": 0.1}
+# stop 15: the 160-px recipe at half and twice the dropout (neither adopted: 0.0002 better and 0.0012 worse on val)
+MEMBER_VARIANTS["center160_rzs80_d05"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.05}
+MEMBER_VARIANTS["center160_rzs80_d20"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.2}
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
 STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
                   + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
@@ -85,6 +88,8 @@ FINAL_FIT_MEMBERS = [(variant, seed) for seed in (201, 202)
                      for variant in ("center160_rzs80_tv", "rzs80_tv", "center128_rzs80_tv")]
 # stop 14's: more seeds of the two best final-fit crops
 STOP14_FINAL_FIT = [(variant, seed) for seed in (203, 204) for variant in ("center160_rzs80_tv", "center128_rzs80_tv")]
+# stop 15's: four more seeds of the 160-px final fit, the best crop's
+STOP15_FINAL_FIT = [("center160_rzs80_tv", seed) for seed in (205, 206, 207, 208)]
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -118,6 +123,10 @@ ENSEMBLE_RUNS = [
     ("30 members: the 26 above + 4 trained on train + val (160, 128 px x seeds 203, 204), rotate/zoom/shift",
      STOP12_FINAL + FINAL_FIT_MEMBERS + STOP14_FINAL_FIT),
     ("10 members trained on train + val alone", FINAL_FIT_MEMBERS + STOP14_FINAL_FIT),
+    # stop 15, fixed before training: the 30 + four more final fits at 160 px
+    ("34 members: the 30 above + 4 trained on train + val (160 px x seeds 205-208), rotate/zoom/shift",
+     STOP12_FINAL + FINAL_FIT_MEMBERS + STOP14_FINAL_FIT + STOP15_FINAL_FIT),
+    ("14 members trained on train + val alone", FINAL_FIT_MEMBERS + STOP14_FINAL_FIT + STOP15_FINAL_FIT),
 ]
 
 
