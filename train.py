@@ -10,9 +10,9 @@
     python train.py --train_on_val --out_dir=runs/final   # last step: train on the val galaxies too
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
 
-Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv and
-out_dir/loss.png are rewritten, best.pt is saved when val RMSE improves (every epoch when there
-is no val split, as with --train_on_val), then last.pt.
+Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv is rewritten (and
+loss.png, at most every 10 s and after the last epoch), best.pt is saved when val RMSE improves
+(every epoch when there is no val split, as with --train_on_val), then last.pt.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
 A run holds out_dir/.lock: a second run into the same out_dir stops at once.
 """
@@ -39,7 +39,7 @@ from dataset import DataError, augment, load_training_set, rows_of, split_for_ru
 from files import atomic_write
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
-from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete, save_checkpoint,
+from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete, save_checkpoints,
                   train_members)
 
 # the config keys this script reads, with their meaning from config.py, are what --help lists
@@ -49,6 +49,7 @@ CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "va
                "image_size", "workers", "threads", "resume", "init_from", "members", "members_at_once",
                "max_steps")
 
+PLOT_EVERY_S = 10   # on a GPU a small set's epoch can take less time than drawing loss.png
 STOP_SIGNAL = None  # set by the first SIGINT/SIGTERM; the loop saves last.pt at the next step and exits
 STOP_REQUESTS = 0
 
@@ -157,9 +158,11 @@ def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generat
     }
 
 
-def write_metrics(history, out_dir, baseline_rmse):
+def write_metrics(history, out_dir, baseline_rmse, plot=True):
     table = pd.DataFrame(history)
     atomic_write(os.path.join(out_dir, "metrics.csv"), lambda tmp: table.to_csv(tmp, index=False))
+    if not plot:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(table["epoch"], table["train_rmse"], "o-", label="train RMSE (augmented, dropout on)")
     if table["val_rmse"].notna().any():   # a run without a val split draws its train curve alone
@@ -245,19 +248,19 @@ def train(cfg, checkpoint, init_weights=None):
                "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
 
     def save(*names):
-        """Rank 0 writes the current state once under each name in out_dir."""
+        """Rank 0 writes the current state under each name in out_dir, in that order (one file, linked)."""
         if is_main:
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
                                      mean_prediction, numerics)
-            for name in names:
-                try:
-                    save_checkpoint(os.path.join(cfg.out_dir, name), state)
-                except DataError as err:   # a full disk: the checkpoints on disk are still whole
-                    if not os.path.isfile(os.path.join(cfg.out_dir, "last.pt")):
-                        raise   # nothing to resume: the same command starts the run again
-                    raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
+            try:
+                save_checkpoints([os.path.join(cfg.out_dir, name) for name in names], state)
+            except DataError as err:   # a full disk: the checkpoints on disk are still whole
+                if not os.path.isfile(os.path.join(cfg.out_dir, "last.pt")):
+                    raise   # nothing to resume: the same command starts the run again
+                raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
 
     model.train()
+    plotted_at = -math.inf
     while progress["epoch"] < cfg.epochs:
         epoch = progress["epoch"]
         order = epoch_order(len(train_rows), cfg.seed, epoch, rank, world_size)
@@ -304,7 +307,9 @@ def train(cfg, checkpoint, init_weights=None):
             # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
             # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
             save(*(["best.pt", "last.pt"] if improved else ["last.pt"]))
-            write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse)
+            plot = progress["epoch"] == cfg.epochs or time.monotonic() - plotted_at >= PLOT_EVERY_S
+            write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse, plot)
+            plotted_at = time.monotonic() if plot else plotted_at
         if stop_requested(world_size):  # the signal came during the epoch's end: last.pt is saved
             if is_main:
                 print(f"stopped by signal {STOP_SIGNAL}; saved {cfg.out_dir}/last.pt (resume with --resume)")

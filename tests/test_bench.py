@@ -1,5 +1,5 @@
 """bench.py scale (the Kaggle-sized rehearsal, at a tiny scale), bench.py gpu's CPU-side parts (the
-no-GPU error and its table) and bench.py accuracy's rows."""
+no-GPU error and its table), bench.py train's checkpoint timing and bench.py accuracy's rows."""
 import math
 import os
 import subprocess
@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
+import bench
 from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
 import bench_gpu
 from bench_gpu import NO_GPU, beyond_startup, gpu_table, members_side_by_side, small_processed_copy
 from bench_scale import build_kaggle_zips
-from config import build_config
+from config import Config, build_config
 from helpers import REPO, run_script
 
 
@@ -79,7 +80,7 @@ def test_gpu_table_formats_a_run():
                "inference_numerics": "bf16 channels_last", "epoch_seconds": 1.25, "predict": 9_000.0,
                "predict_beyond": 95_000.0, "predict_startup": 3.01, "predict_tta": 4_000.0,
                "predict_tta_beyond": 12_000.0, "predict_tta_startup": 3.2, "model_inference": 100_000.0,
-               "torchrun_ok": True,
+               "checkpoint_once": 0.18, "checkpoint_twice": 0.39, "torchrun_ok": True,
                "torchrun_seconds": 12.34, "alone_seconds": 20.0, "side_by_side_seconds": 80.0,
                "side_by_side_gain": 2.0, "total_seconds": 190.0}
     lines = gpu_table(results, "### title").splitlines()
@@ -97,7 +98,9 @@ def test_gpu_table_formats_a_run():
     assert ("| 8 members side by side (`--members_at_once`), 60 epochs each | 80.0 s; one alone 20.0 s "
             "| more members an hour than one after another: 2.00× |" in lines)
     assert "| the whole check | 190 s | < 8 min: met |" in lines
-    assert len(lines) == 4 + 10
+    assert ("| an improving epoch's checkpoints (best.pt + last.pt) | 0.18 s written once and linked; 0.39 s twice "
+            "| once ≤ 0.6 × twice: 0.46 |" in lines)
+    assert len(lines) == 4 + 11
 
 
 def test_members_side_by_side_check_trains_both_ways(demo_processed, tmp_path, monkeypatch):
@@ -137,3 +140,13 @@ def test_accuracy_rows_and_ensemble_members_are_valid_configs():
         for variant, seed in members:
             member = build_config(member_settings(variant, seed)).validate()
             assert member.split_seed == 1337   # all score the same held-out galaxies
+
+
+def test_checkpoint_timing_writes_both_ways_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROUNDS", 1)
+    cfg = Config(out_dir=str(tmp_path / "runs"), batch_size=4, image_size=32)   # a smaller net, the same writes
+    training = bench.TrainingBench(cfg, torch.device("cpu"), False, False, pool_size=8)
+    training.model_step()   # Adam's moments exist, as in a run's checkpoint
+    once, twice = bench.checkpoint_seconds(cfg, training)
+    assert 0 < once < float("inf") and 0 < twice < float("inf")
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from dataset import LABEL_COLUMNS
-from config import Config
+from config import Config, parse_overrides
 from model import GalaxyCNN, load_model
 from helpers import SMALL, one_line_error, run_train, same_weights, weights, without_root_override
+import train
 from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,23 @@ def test_training_writes_checkpoints_metrics_and_plot(full_run):
     torch.testing.assert_close(checkpoint["train_mean"],
                                torch.tensor(labels.loc[train_ids, LABEL_COLUMNS].to_numpy().mean(0),
                                             dtype=torch.float32))
+
+
+def test_loss_plot_is_drawn_at_most_every_few_seconds_and_after_the_last_epoch(data_args, tmp_path, monkeypatch):
+    """metrics.csv every epoch, loss.png only when PLOT_EVERY_S have passed and after the last epoch:
+    on a GPU a small set's epoch can take less time than drawing the plot."""
+    drawn, draw = [], train.write_metrics
+    monkeypatch.setattr(train, "write_metrics", lambda *args: drawn.append(args[-1]) or draw(*args))
+    monkeypatch.setattr(train, "PLOT_EVERY_S", 3600)
+    handlers, threads = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.get_num_threads()
+    try:   # in this process, so the plot clock can be set; train.py's signal handlers and threads are put back
+        assert train.train_run(parse_overrides([*data_args, "--epochs=3", f"--out_dir={tmp_path}"])[0]) == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+    assert drawn == [True, False, True]   # the first epoch's, none for the next hour, the last epoch's
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2, 3] and (tmp_path / "loss.png").is_file()
 
 
 def test_same_seed_gives_the_same_losses_on_cpu(full_run, data_args, tmp_path):

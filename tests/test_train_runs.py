@@ -125,6 +125,7 @@ def test_train_on_val_run_is_scored_on_test_and_refused_on_val(full_run, data_ar
     assert "0 val" in result.stdout and "no val split" in result.stdout and "test RMSE" in result.stdout
     assert pd.read_csv(final / "metrics.csv")["val_rmse"].isna().all() and (final / "loss.png").is_file()
     assert torch.load(final / "best.pt", weights_only=True)["epoch"] == 1   # no val to choose by: the last epoch
+    assert os.path.samefile(final / "best.pt", final / "last.pt")   # that epoch's state, written once
     tuned = full_run[0] / "best.pt"
     predict = [data_args[0], "--workers=1", "--amp=false", "--channels_last=false", f"--out_dir={tmp_path}"]
     # the test split is shared, so a final-fit member joins an ensemble tuned on val
@@ -255,6 +256,22 @@ def test_sigkill_at_any_moment_never_leaves_a_run_stuck(full_run, data_args, tmp
     assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]
     assert same_weights(weights(full_run[0] / "last.pt"), weights(tmp_path / "last.pt"))
     assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard link", "no links: a copy"])
+def test_best_and_last_pt_are_written_once_and_part_at_the_next_save(tmp_path, monkeypatch, links):
+    """An improving epoch's best.pt and last.pt share one write; the next last.pt replaces its own
+    name only, so best.pt keeps that epoch's state."""
+    if not links:
+        monkeypatch.setattr(runs.os, "link", lambda *_: (_ for _ in ()).throw(OSError("no hard links here")))
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    runs.save_checkpoints([best, last], {"epoch": 1, "weights": torch.zeros(3)})
+    assert os.path.samefile(best, last) == links
+    runs.save_checkpoints([last], {"epoch": 2, "weights": torch.ones(3)})
+    assert torch.load(best, weights_only=True)["epoch"] == 1 and torch.equal(
+        torch.load(best, weights_only=True)["weights"], torch.zeros(3))
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), whose every write fails "
