@@ -78,7 +78,7 @@ MEMBER_VARIANTS["center160_rzs80_b10"] = {**MEMBER_VARIANTS["center160_rzs80"], 
 # stop 15: the 160-px recipe at half and twice the dropout (neither adopted: 0.0002 better and 0.0012 worse on val)
 MEMBER_VARIANTS["center160_rzs80_d05"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.05}
 MEMBER_VARIANTS["center160_rzs80_d20"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.2}
-# stop 16: the 160-px recipe at half and twice the peak lr (5e-4 adopted for later members on one seed: val -0.0009)
+# stop 16: the 160-px recipe at half and twice the peak lr (neither adopted: 0.0002 better over 3 seeds, worse)
 MEMBER_VARIANTS["center160_rzs80_lr5e-4"] = {**MEMBER_VARIANTS["center160_rzs80"], "lr": 5e-4}
 MEMBER_VARIANTS["center160_rzs80_lr2e-3"] = {**MEMBER_VARIANTS["center160_rzs80"], "lr": 2e-3}
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
