@@ -279,13 +279,13 @@ def checkpoint_seconds(cfg, bench):
     progress = {"epoch": 1, "step_in_epoch": 0, "global_step": 1, "epoch_loss_sum": 0.0, "best_val_rmse": 0.1,
                 "history": []}
     os.makedirs(cfg.out_dir, exist_ok=True)
+    numerics = {"amp": bench.amp, "channels_last": bench.channels_last}
     once, twice = float("inf"), float("inf")
     with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix="bench_checkpoints_") as folder:
         best, last = os.path.join(folder, "best.pt"), os.path.join(folder, "last.pt")
         for _ in range(ROUNDS):
             for written_once in (True, False):
                 started = time.perf_counter()
-                numerics = {"amp": bench.amp, "channels_last": bench.channels_last}
                 state = checkpoint_state(bench.model, bench.optimizer, bench.scheduler, cfg, progress,
                                          bench.generator, bench.device, torch.zeros(37), numerics)
                 if written_once:

@@ -132,13 +132,14 @@ def save_checkpoints(paths, state):
     into: the next last.pt is a new file renamed onto the name, which leaves best.pt's as it was."""
     first, *others = paths
     save_checkpoint(first, state)
+
+    def link_or_copy(tmp):
+        try:
+            os.link(first, tmp)
+        except OSError:   # no hard links here (some network and FAT file systems)
+            shutil.copyfile(first, tmp)
     for path in others:
-        def write(tmp):
-            try:
-                os.link(first, tmp)
-            except OSError:   # no hard links here (some network and FAT file systems)
-                shutil.copyfile(first, tmp)
-        atomic_write(path, write)
+        atomic_write(path, link_or_copy)
 
 
 def repair_best(cfg, checkpoint):
