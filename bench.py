@@ -274,8 +274,7 @@ def checkpoint_seconds(cfg, bench):
     written once under best.pt and linked as last.pt (save_checkpoints), and written twice. In a
     folder under out_dir, on the disk a run writes to; the files land in the page cache, so this is
     the least it costs: many runs side by side also wait for the disk."""
-    from runs import save_checkpoint, save_checkpoints
-    from train import checkpoint_state
+    from runs import checkpoint_state, save_checkpoint, save_checkpoints
     progress = {"epoch": 1, "step_in_epoch": 0, "global_step": 1, "epoch_loss_sum": 0.0, "best_val_rmse": 0.1,
                 "history": []}
     os.makedirs(cfg.out_dir, exist_ok=True)

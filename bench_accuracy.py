@@ -81,6 +81,9 @@ MEMBER_VARIANTS["center160_rzs80_d20"] = {**MEMBER_VARIANTS["center160_rzs80"], 
 # stop 16: the 160-px recipe at half and twice the peak lr (neither adopted: 0.0002 better over 3 seeds, worse)
 MEMBER_VARIANTS["center160_rzs80_lr5e-4"] = {**MEMBER_VARIANTS["center160_rzs80"], "lr": 5e-4}
 MEMBER_VARIANTS["center160_rzs80_lr2e-3"] = {**MEMBER_VARIANTS["center160_rzs80"], "lr": 2e-3}
+# stop 21: the two near-misses together, and an average of the weights (--ema)
+MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.05, "lr": 5e-4}
+MEMBER_VARIANTS["center160_rzs80_ema998"] = {**MEMBER_VARIANTS["center160_rzs80"], "ema": 0.998}
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
 STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
                   + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]

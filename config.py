@@ -67,6 +67,7 @@ class Config:
     batch_size: int = 64          # images per optimizer step (per process under torchrun)
     lr: float = 1e-3              # Adam's peak learning rate
     weight_decay: float = 0.0     # Adam's L2 penalty on the weights
+    ema: float = 0.0              # decay per step of an average of the weights, which val and best.pt use (0 = off)
     schedule: str = "onecycle"    # learning rate schedule: onecycle | cosine (after a warm-up) | constant
     amp: str = "auto"             # bf16 autocast: auto (the faster here, CPU or GPU, timed at start-up) | true | false
     channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
@@ -113,6 +114,7 @@ class Config:
             (self.lr > 0, "lr must be positive, e.g. --lr=1e-3"),
             (self.weight_decay >= 0, "weight_decay must not be negative"),
             (0 <= self.dropout < 1, "dropout must lie in [0, 1)"),
+            (0 <= self.ema < 1, "ema must lie in [0, 1), e.g. --ema=0.998 (0 = off)"),
             (self.workers >= 1, "workers must be at least 1"),
             (self.members >= 1, "members must be at least 1"),
             (self.members_at_once >= 1, "members_at_once must be at least 1"),

@@ -1,7 +1,7 @@
 """A run's folder and its life: the config a run gets (its saved config as the base on --resume),
-what --resume may change, --init_from's weights, the out_dir lock, writing checkpoints, a missing
-best.pt given back, and an ensemble's members trained as train.py processes, one after another or
-side by side."""
+what --resume may change, --init_from's weights, the out_dir lock, writing checkpoints and the
+training curves (metrics.csv, loss.png), a missing best.pt given back, and an ensemble's members
+trained as train.py processes, one after another or side by side."""
 import math
 import os
 import shutil
@@ -10,6 +10,9 @@ import subprocess
 import sys
 import time
 
+from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
+from matplotlib.ticker import MaxNLocator
+import pandas as pd
 import torch
 
 import preprocess
@@ -35,7 +38,7 @@ CHANGEABLE_ON_RESUME = (
 # ... and not these: they define what is trained, so a change would make one run of two halves
 FIXED_ON_RESUME = (
     "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "train_on_val", "output",
-    "dropout", "weight_decay", "init_from", *CROP_KEYS,
+    "dropout", "weight_decay", "ema", "init_from", *CROP_KEYS,
     "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness",
 )
 
@@ -140,6 +143,53 @@ def save_checkpoints(paths, state):
             shutil.copyfile(first, tmp)
     for path in others:
         atomic_write(path, link_or_copy)
+
+
+def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean, numerics,
+                     averaged_model=None):
+    """Everything --resume needs to go on exactly where the run was. "model" holds the weights to
+    predict with: with --ema the averaged ones, and the trained ones under "trained_model"."""
+    weights = {"model": raw_model.state_dict()} if averaged_model is None else {
+        "model": averaged_model.state_dict(), "trained_model": raw_model.state_dict()}
+    return {
+        "numerics": numerics,  # what amp/channels_last "auto" chose, so a resumed run keeps it
+        **weights,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": cfg.to_dict(),
+        "train_mean": train_mean,  # predict.py's answer for a test image it cannot read
+        **progress,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8),
+            "augment": aug_generator.get_state(),
+        },
+    }
+
+
+def write_metrics(history, out_dir, baseline_rmse, plot=True):
+    """out_dir/metrics.csv, one row an epoch, and with plot its curves as out_dir/loss.png."""
+    table = pd.DataFrame(history)
+    atomic_write(os.path.join(out_dir, "metrics.csv"), lambda tmp: table.to_csv(tmp, index=False))
+    if not plot:
+        return
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(table["epoch"], table["train_rmse"], "o-", label="train RMSE (augmented, dropout on)")
+    if table["val_rmse"].notna().any():   # a run without a val split draws its train curve alone
+        ax.plot(table["epoch"], table["val_rmse"], "s-", label="validation RMSE")
+        ax.axhline(baseline_rmse, color="gray", ls="--", label=f"predict the mean ({baseline_rmse:.4f})")
+        best = table["val_rmse"].idxmin()
+        ax.annotate(f"best {table['val_rmse'][best]:.4f}", (table["epoch"][best], table["val_rmse"][best]),
+                    textcoords="offset points", xytext=(0, -16), ha="center")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("RMSE over the 37 vote fractions")
+    ax.set_title("Galaxy Zoo training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(os.path.join(out_dir, "loss.png"), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def repair_best(cfg, checkpoint):

@@ -16,6 +16,7 @@ loss.png, at most every 10 s and after the last epoch), best.pt is saved when va
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
 A run holds out_dir/.lock: a second run into the same out_dir stops at once.
 """
+import copy
 import math
 import os
 import signal
@@ -23,11 +24,6 @@ import sys
 import time
 import warnings
 
-import matplotlib
-matplotlib.use("Agg")  # files only; training never opens a window
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,18 +32,17 @@ from tqdm import tqdm
 
 from config import answer_help, build_config, parse_overrides
 from dataset import DataError, augment, load_training_set, rows_of, split_for_run
-from files import atomic_write
 from model import (CheckpointError, autocast, build_model, choose_numerics, load_state, numerics_name, predict,
                    prepare_batch, read_checkpoint, resolve_device, rmse)
-from runs import (claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete, save_checkpoints,
-                  train_members)
+from runs import (checkpoint_state, claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete,
+                  save_checkpoints, train_members, write_metrics)
 
 # the config keys this script reads, with their meaning from config.py, are what --help lists
 CONFIG_KEYS = ("processed_dir", "out_dir", "demo", "demo_dir", "split_seed", "val_fraction", "test_fraction",
                "train_on_val", "seed", "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness", "output",
-               "dropout", "epochs", "batch_size", "lr", "weight_decay", "schedule", "device", "amp", "channels_last",
-               "image_size", "workers", "threads", "resume", "init_from", "members", "members_at_once",
-               "max_steps")
+               "dropout", "epochs", "batch_size", "lr", "weight_decay", "ema", "schedule", "device", "amp",
+               "channels_last", "image_size", "workers", "threads", "resume", "init_from", "members",
+               "members_at_once", "max_steps")
 
 PLOT_EVERY_S = 10   # on a GPU a small set's epoch can take less time than drawing loss.png
 STOP_SIGNAL = None  # set by the first SIGINT/SIGTERM; the loop saves last.pt at the next step and exits
@@ -129,6 +124,25 @@ def next_batch(images_uint8, vote_fractions, rows, cfg, device, aug_generator, c
     return batch, vote_fractions[rows]
 
 
+def average_of(model):
+    """--ema: a frozen copy of the model that update_average keeps at a moving average of its weights
+    and BatchNorm statistics; validation, best.pt and so every prediction use the average."""
+    averaged = copy.deepcopy(model)
+    averaged.requires_grad_(False)
+    return averaged
+
+
+def update_average(averaged, model, decay, step):
+    # a shorter memory over the first steps, so the random initial weights do not linger in the average
+    weight = 1 - min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for average, trained in zip(averaged.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(trained, weight)
+            else:   # BatchNorm's batch counter
+                average.copy_(trained)
+
+
 def train_step(model, optimizer, scheduler, batch, targets, amp, device):
     with autocast(device, amp):
         loss = F.mse_loss(model(batch), targets)
@@ -137,49 +151,6 @@ def train_step(model, optimizer, scheduler, batch, targets, amp, device):
     optimizer.step()
     scheduler.step()
     return loss
-
-
-# --- checkpoints, metrics and plots ----------------------------------------------------
-
-def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean, numerics):
-    return {
-        "numerics": numerics,  # what amp/channels_last "auto" chose, so a resumed run keeps it
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": cfg.to_dict(),
-        "train_mean": train_mean,  # predict.py's answer for a test image it cannot read
-        **progress,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8),
-            "augment": aug_generator.get_state(),
-        },
-    }
-
-
-def write_metrics(history, out_dir, baseline_rmse, plot=True):
-    table = pd.DataFrame(history)
-    atomic_write(os.path.join(out_dir, "metrics.csv"), lambda tmp: table.to_csv(tmp, index=False))
-    if not plot:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(table["epoch"], table["train_rmse"], "o-", label="train RMSE (augmented, dropout on)")
-    if table["val_rmse"].notna().any():   # a run without a val split draws its train curve alone
-        ax.plot(table["epoch"], table["val_rmse"], "s-", label="validation RMSE")
-        ax.axhline(baseline_rmse, color="gray", ls="--", label=f"predict the mean ({baseline_rmse:.4f})")
-        best = table["val_rmse"].idxmin()
-        ax.annotate(f"best {table['val_rmse'][best]:.4f}", (table["epoch"][best], table["val_rmse"][best]),
-                    textcoords="offset points", xytext=(0, -16), ha="center")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("RMSE over the 37 vote fractions")
-    ax.set_title("Galaxy Zoo training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(os.path.join(out_dir, "loss.png"), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 # --- the loop --------------------------------------------------------------------------
@@ -224,7 +195,8 @@ def train(cfg, checkpoint, init_weights=None):
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0,
                 "best_val_rmse": math.inf, "history": []}
     if checkpoint is not None:
-        load_state(raw_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
+        load_state(raw_model, checkpoint.get("trained_model", checkpoint["model"]),
+                   os.path.join(cfg.out_dir, "last.pt"))
         progress = {key: checkpoint[key] for key in progress}
         rng = checkpoint["rng"]
         if world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
@@ -240,6 +212,10 @@ def train(cfg, checkpoint, init_weights=None):
         load_state(raw_model, init_weights, cfg.init_from)
         if is_main:
             print(f"weights from {cfg.init_from}; fresh optimizer and lr schedule from epoch 1")
+    averaged_model = average_of(raw_model) if cfg.ema else None
+    if averaged_model is not None and checkpoint is not None:
+        load_state(averaged_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
+    eval_model = averaged_model or raw_model
 
     if is_main:
         print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
@@ -251,7 +227,7 @@ def train(cfg, checkpoint, init_weights=None):
         """Rank 0 writes the current state under each name in out_dir, in that order (one file, linked)."""
         if is_main:
             state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
-                                     mean_prediction, numerics)
+                                     mean_prediction, numerics, averaged_model)
             try:
                 save_checkpoints([os.path.join(cfg.out_dir, name) for name in names], state)
             except DataError as err:   # a full disk: the checkpoints on disk are still whole
@@ -274,6 +250,8 @@ def train(cfg, checkpoint, init_weights=None):
             loss = train_step(model, optimizer, scheduler, batch, targets, numerics["amp"], device)
             progress["step_in_epoch"] = step + 1
             progress["global_step"] += 1
+            if averaged_model is not None:
+                update_average(averaged_model, raw_model, cfg.ema, progress["global_step"])
             loss = loss.item()  # one device sync per step
             progress["epoch_loss_sum"] += loss
             bar.update(cfg.batch_size)
@@ -288,7 +266,7 @@ def train(cfg, checkpoint, init_weights=None):
         bar.close()
 
         train_loss = progress["epoch_loss_sum"] / steps_per_epoch
-        val_rmse = rmse(predict(raw_model, val_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
+        val_rmse = rmse(predict(eval_model, val_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
                         val_targets) if has_val else float("nan")
         seconds = time.time() - started
         progress["history"].append({

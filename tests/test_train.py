@@ -14,7 +14,7 @@ from PIL import Image
 from dataset import LABEL_COLUMNS
 from config import Config, parse_overrides
 from model import GalaxyCNN, load_model
-from helpers import SMALL, one_line_error, run_train, same_weights, weights, without_root_override
+from helpers import SMALL, one_line_error, run_script, run_train, same_weights, weights, without_root_override
 import train
 from train import make_optimizer
 
@@ -77,6 +77,48 @@ def test_resume_mid_epoch_ends_with_the_same_weights(full_run, data_args, tmp_pa
     assert pd.read_csv(out_dir / "metrics.csv").equals(
         pd.read_csv(tmp_path / "metrics.csv").assign(seconds=pd.read_csv(out_dir / "metrics.csv")["seconds"],
                                                       img_per_s=pd.read_csv(out_dir / "metrics.csv")["img_per_s"]))
+
+
+def test_weight_average_warms_up_then_follows_the_trained_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    averaged = train.average_of(model)
+    assert not any(parameter.requires_grad for parameter in averaged.parameters())
+    start = averaged[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+        model[1].num_batches_tracked += 5
+    train.update_average(averaged, model, decay=0.99, step=1)   # the warm-up's decay 2/11, not 0.99
+    torch.testing.assert_close(averaged[0].weight, start + 9 / 11)
+    torch.testing.assert_close(averaged[1].running_mean, torch.full((2,), 2.0 * 9 / 11))   # BatchNorm's too
+    assert averaged[1].num_batches_tracked == 5
+    for step in range(2, 3000):
+        train.update_average(averaged, model, decay=0.99, step=step)
+    torch.testing.assert_close(averaged[0].weight, model[0].weight)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    before = averaged[0].weight.clone()
+    train.update_average(averaged, model, decay=0.99, step=10_000)   # past the warm-up: 1 % of the way
+    torch.testing.assert_close(averaged[0].weight, before + 0.01)
+
+
+def test_ema_run_validates_and_predicts_with_the_average_and_resumes_exactly(data_args, tmp_path):
+    ema = [*data_args, "--ema=0.9", "--epochs=2"]
+    run_train(*ema, f"--out_dir={tmp_path / 'a'}")
+    run_train(*ema, "--max_steps=5", f"--out_dir={tmp_path / 'b'}")
+    run_train(f"--out_dir={tmp_path / 'b'}", "--resume", "--max_steps=0")
+    first, second = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("a", "b"))
+    assert not same_weights(first["model"], first["trained_model"])   # "model" is the average
+    assert same_weights(first["model"], second["model"]) and same_weights(first["trained_model"],
+                                                                           second["trained_model"])
+    metrics = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert metrics["train_loss"].tolist() == pd.read_csv(tmp_path / "b" / "metrics.csv")["train_loss"].tolist()
+    # val RMSE during training is the averaged weights', and predict.py predicts with them
+    predicted = run_script("predict.py", f"--checkpoint={tmp_path / 'a' / 'best.pt'}", "--split=val", data_args[0],
+                           "--workers=1", "--amp=false", "--channels_last=false", f"--out_dir={tmp_path / 'a'}")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    model_rmse = pd.read_csv(tmp_path / "a" / "eval_val.csv")["model_rmse"][0]
+    assert model_rmse == pytest.approx(metrics["val_rmse"].min(), abs=1e-5)
 
 
 def test_bf16_channels_last_is_deterministic_and_resumes_exactly(data_args, tmp_path):

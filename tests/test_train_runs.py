@@ -92,6 +92,7 @@ def test_extending_a_run_replans_the_schedule_and_refuses_fewer_epochs(data_args
     (["--batch_size=8"], "batch_size 16 -> 8"),      # died mid-epoch: "Tried to step 23 times"
     (["--batch_size=32"], "batch_size 16 -> 32"),    # silently skipped the rest of the epoch
     (["--schedule=cosine", "--seed=7"], "schedule onecycle -> cosine, seed 1337 -> 7"),   # KeyError: '_schedulers'
+    (["--ema=0.99"], "ema 0.0 -> 0.99"),   # last.pt would have no average to go on from
 ])
 def test_resume_refuses_keys_that_define_the_run(full_run, tmp_path, args, named):
     out_dir = copy_run(full_run[0], tmp_path / "run")
