@@ -215,7 +215,7 @@ def train(cfg, checkpoint, init_weights=None):
     averaged_model = average_of(raw_model) if cfg.ema else None
     if averaged_model is not None and checkpoint is not None:
         load_state(averaged_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
-    eval_model = averaged_model or raw_model
+    eval_model = averaged_model if averaged_model is not None else raw_model   # what val RMSE measures
 
     if is_main:
         print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
