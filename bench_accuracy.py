@@ -84,6 +84,11 @@ MEMBER_VARIANTS["center160_rzs80_lr2e-3"] = {**MEMBER_VARIANTS["center160_rzs80"
 # stop 21: the two near-misses together, and an average of the weights (--ema)
 MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4"] = {**MEMBER_VARIANTS["center160_rzs80"], "dropout": 0.05, "lr": 5e-4}
 MEMBER_VARIANTS["center160_rzs80_ema998"] = {**MEMBER_VARIANTS["center160_rzs80"], "ema": 0.998}
+# ... and the adopted one (0.0008 better on val over 3 seeds) as final fits at 160 and 128 px
+MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4_tv"] = {**MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4"],
+                                                    "train_on_val": True}
+MEMBER_VARIANTS["center128_rzs80_d05_lr5e-4_tv"] = {**MEMBER_VARIANTS["center128_rzs80"], "dropout": 0.05, "lr": 5e-4,
+                                                    "train_on_val": True}
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
 STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
                   + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
@@ -96,6 +101,11 @@ FINAL_FIT_MEMBERS = [(variant, seed) for seed in (201, 202)
 STOP14_FINAL_FIT = [(variant, seed) for seed in (203, 204) for variant in ("center160_rzs80_tv", "center128_rzs80_tv")]
 # stop 15's: four more seeds of the 160-px final fit, the best crop's
 STOP15_FINAL_FIT = [("center160_rzs80_tv", seed) for seed in (205, 206, 207, 208)]
+# stop 21's composition, fixed before its final fits trained: the adopted recipe's three val-scored members
+# and four final fits
+STOP21_MEMBERS = ([("center160_rzs80_d05_lr5e-4", seed) for seed in (1337, 1, 2)]
+                  + [(variant, seed) for variant in ("center160_rzs80_d05_lr5e-4_tv", "center128_rzs80_d05_lr5e-4_tv")
+                     for seed in (401, 402)])
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -133,6 +143,9 @@ ENSEMBLE_RUNS = [
     ("34 members: the 30 above + 4 trained on train + val (160 px x seeds 205-208), rotate/zoom/shift",
      STOP12_FINAL + FINAL_FIT_MEMBERS + STOP14_FINAL_FIT + STOP15_FINAL_FIT),
     ("14 members trained on train + val alone", FINAL_FIT_MEMBERS + STOP14_FINAL_FIT + STOP15_FINAL_FIT),
+    # stop 21, fixed before its final fits trained: dropout 0.05 and lr 5e-4 (adopted on val)
+    ("7 members, dropout 0.05, lr 5e-4: 160 px x seeds 1337, 1, 2 + train + val (160, 128 px x seeds 401, 402)",
+     STOP21_MEMBERS),
 ]
 
 
