@@ -1,6 +1,8 @@
 """The seed CNN (four conv blocks, three linear layers) and its two output heads,
 plus loading a trained model back from a checkpoint.
 
+    python model.py [--image_size=64 --output=tree]   # each layer's output shape and weight count
+
 Shapes at 64x64 input (each conv has stride 1 and padding 1, each pool halves):
     conv 9x9:  64 -> 58, pool -> 29      conv 5x5: 29 -> 27, pool -> 13
     conv 3x3:  13 -> 13, pool -> 6       conv 1x1:  6 ->  8, pool ->  4
@@ -14,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from config import Config, config_from_dict
+from config import Config, config_from_dict, get_config
 from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS, dihedral
 
 
@@ -292,3 +294,38 @@ def predict(model, images_uint8, batch_size=256, amp=False, channels_last=False,
 def rmse(predictions, targets):
     """The Kaggle metric: root mean squared error over every galaxy and all 37 outputs."""
     return torch.sqrt(torch.mean((predictions.float() - targets.float()) ** 2)).item()
+
+
+CONFIG_KEYS = ("image_size", "output", "dropout")   # what build_model reads
+
+
+def layer_table(model, image_size):
+    """(name, output shape, weights) per conv block and linear layer for one image of this side."""
+    rows, x = [], torch.zeros(1, 3, image_size, image_size)
+    model.eval()
+    with torch.no_grad():
+        for index, block in enumerate(model.features[:-1]):
+            x = block(x)
+            conv = block[0]
+            rows.append((f"conv {conv.kernel_size[0]}x{conv.kernel_size[0]} + pool {index + 1}", tuple(x.shape[1:]),
+                         sum(p.numel() for p in block.parameters())))
+        x = model.features[-1](x)
+        rows.append(("flatten", tuple(x.shape[1:]), 0))
+        for layer in model.classifier:
+            x = layer(x)
+            if isinstance(layer, nn.Linear):
+                rows.append((f"linear {layer.in_features} -> {layer.out_features}", tuple(x.shape[1:]),
+                             sum(p.numel() for p in layer.parameters())))
+    return rows
+
+
+def main():
+    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
+    model = build_model(cfg)
+    for name, shape, weights in layer_table(model, cfg.image_size):
+        print(f"{name:<24} {str(shape):<18} {weights:>12,}")
+    print(f"{'total':<24} {'':<18} {sum(p.numel() for p in model.parameters()):>12,}  ({cfg.output} head)")
+
+
+if __name__ == "__main__":
+    main()

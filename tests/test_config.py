@@ -67,6 +67,7 @@ SCRIPTS = {   # each script's --help must list at least these keys, which it obv
     "predict.py": ["checkpoint", "tta", "split"],
     "plot_image.py": ["checkpoint", "show"],
     "bench.py": ["raw_dir", "workers", "epochs", "scale"],
+    "model.py": ["image_size", "output"],
 }
 # the modules whose cfg reads are a script's own: train.py's run set-up lives in runs.py
 READ_FOR = {"train.py": ["runs.py"]}

@@ -3,8 +3,9 @@ import torch
 
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
 from model import (NUMERICS_CANDIDATES, CheckpointError, DecisionTreeHead, GalaxyCNN, choose_numerics, flat_features,
-                   load_model, numerics_name, predict, rmse)
+                   layer_table, load_model, numerics_name, predict, rmse)
 from config import Config
+from helpers import run_script
 
 
 def test_shapes_follow_the_seed_diagram():
@@ -16,6 +17,20 @@ def test_shapes_follow_the_seed_diagram():
     linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
     assert [(l.in_features, l.out_features) for l in linears] == [(8192, 1024), (1024, 2048), (2048, 37)]
     assert model.features(torch.rand(2, 3, 64, 64)).shape == (2, 8192)
+
+
+def test_python_model_py_prints_each_layers_shape_and_the_weight_total():
+    model = GalaxyCNN(output="tree")
+    rows = layer_table(model, 64)
+    assert [(name, shape) for name, shape, _ in rows] == [
+        ("conv 9x9 + pool 1", (64, 29, 29)), ("conv 5x5 + pool 2", (128, 13, 13)), ("conv 3x3 + pool 3", (256, 6, 6)),
+        ("conv 1x1 + pool 4", (512, 4, 4)), ("flatten", (8192,)), ("linear 8192 -> 1024", (1024,)),
+        ("linear 1024 -> 2048", (2048,)), ("linear 2048 -> 37", (37,))]
+    assert sum(weights for _, _, weights in rows) == sum(p.numel() for p in model.parameters())
+    result = run_script("model.py", "--image_size=96")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert "linear 18432 -> 1024" in result.stdout
+    assert result.stdout.splitlines()[-1].split()[:2] == ["total", "21,699,621"]
 
 
 @pytest.mark.parametrize("output", ["sigmoid", "tree"])
