@@ -106,6 +106,9 @@ STOP15_FINAL_FIT = [("center160_rzs80_tv", seed) for seed in (205, 206, 207, 208
 STOP21_MEMBERS = ([("center160_rzs80_d05_lr5e-4", seed) for seed in (1337, 1, 2)]
                   + [(variant, seed) for variant in ("center160_rzs80_d05_lr5e-4_tv", "center128_rzs80_d05_lr5e-4_tv")
                      for seed in (401, 402)])
+# stop 22's, fixed before they trained: four more final-fit pairs of the adopted recipe
+STOP22_FINAL_FIT = [(variant, seed) for seed in (403, 404, 405, 406)
+                    for variant in ("center160_rzs80_d05_lr5e-4_tv", "center128_rzs80_d05_lr5e-4_tv")]
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -146,6 +149,9 @@ ENSEMBLE_RUNS = [
     # stop 21, fixed before its final fits trained: dropout 0.05 and lr 5e-4 (adopted on val)
     ("7 members, dropout 0.05, lr 5e-4: 160 px x seeds 1337, 1, 2 + train + val (160, 128 px x seeds 401, 402)",
      STOP21_MEMBERS),
+    # stop 22, fixed before training: the 7 + eight final fits of the same recipe
+    ("15 members: the 7 above + 8 trained on train + val (160, 128 px x seeds 403-406), dropout 0.05, lr 5e-4",
+     STOP21_MEMBERS + STOP22_FINAL_FIT),
 ]
 
 
