@@ -113,6 +113,10 @@ STOP21_MEMBERS = ([("center160_rzs80_d05_lr5e-4", seed) for seed in (1337, 1, 2)
 # stop 22's, fixed before they trained: four more final-fit pairs of the adopted recipe
 STOP22_FINAL_FIT = [(variant, seed) for seed in (403, 404, 405, 406)
                     for variant in ("center160_rzs80_d05_lr5e-4_tv", "center128_rzs80_d05_lr5e-4_tv")]
+# stop 23's, fixed before they trained: the same recipe's final fits at all four crops, for a composition
+# that differs more than seeds of one crop do
+STOP23_FINAL_FIT = [(f"{variant}_d05_lr5e-4_tv", seed) for seed in (501, 502)
+                    for variant in ("rzs80", "center160_rzs80", "center128_rzs80", "roi_rzs80")]
 # Ensembles, scored on the test split with 8-fold TTA. The compositions were fixed on val (ACCURACY.md).
 ENSEMBLE_RUNS = [
     ("5 members, center crop, seeds 1337 and 1-4", [("center", seed) for seed in (1337, 1, 2, 3, 4)]),
@@ -156,6 +160,9 @@ ENSEMBLE_RUNS = [
     # stop 22, fixed before training: the 7 + eight final fits of the same recipe
     ("15 members: the 7 above + 8 trained on train + val (160, 128 px x seeds 403-406), dropout 0.05, lr 5e-4",
      STOP21_MEMBERS + STOP22_FINAL_FIT),
+    # stop 23, fixed before training: final fits of that recipe at four crops
+    ("8 members trained on train + val (212, 160, 128 px, ROI x seeds 501, 502), dropout 0.05, lr 5e-4",
+     STOP23_FINAL_FIT),
 ]
 
 
