@@ -87,12 +87,9 @@ STOP21_RECIPE = {"dropout": 0.05, "lr": 5e-4}
 MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4"] = {**MEMBER_VARIANTS["center160_rzs80"], **STOP21_RECIPE}
 MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4_ema998"] = {**MEMBER_VARIANTS["center160_rzs80_d05_lr5e-4"],
                                                          "ema": 0.998}
-MEMBER_VARIANTS.update({f"{crop}_rzs80_d05_lr5e-4_tv": {**MEMBER_VARIANTS[f"{crop}_rzs80"], **STOP21_RECIPE,
-                                                        "train_on_val": True}
-                        for crop in ("center160", "center128")})
-# stop 23: the same final fit at the 212-px centre crop and the ROI crop ("rzs80" is the 212-px one)
+# (stop 21 trained the 160 and 128 px ones, stop 23 the 212 px one, "rzs80", and the ROI one too)
 MEMBER_VARIANTS.update({f"{variant}_d05_lr5e-4_tv": {**MEMBER_VARIANTS[variant], **STOP21_RECIPE, "train_on_val": True}
-                        for variant in ("rzs80", "roi_rzs80")})
+                        for variant in ("rzs80", "center160_rzs80", "center128_rzs80", "roi_rzs80")})
 # stop 12's 17 members of 160 epochs (trained 12 at a time on one H200)
 STOP12_MEMBERS = ([("center160_rzs160", seed) for seed in range(101, 107)]
                   + [(variant, seed) for variant in ("rzs160", "center128_rzs160") for seed in range(101, 106)]
