@@ -6,16 +6,15 @@ Any script takes ``--key=value`` overrides of these keys on its command line
     python train.py --epochs=5 --device=cpu --output=tree
     python train.py --help
 
-The comment after each key is its meaning in --help: one line, kept up to date here.
+Each key is declared once, with its default, its one-line meaning (what --help prints) and the
+scripts that read it (which keys each script's --help lists).
 
 The checkpoint carries the config it was trained with, so evaluation and
 prediction rebuild exactly the same model and crop.
 """
-import functools
+from dataclasses import asdict, dataclass, field, fields
 import os
 import sys
-import tokenize
-from dataclasses import asdict, dataclass, fields
 
 
 def cpu_count():
@@ -25,71 +24,99 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
+# The command-line scripts, by the name each key lists in `scripts` (what its --help shows and reads)
+PRE, TRAIN, PREDICT, PLOT, MODEL, BENCH = "preprocess", "train", "predict", "plot_image", "model", "bench"
+CROP_READERS = (PRE, PLOT, BENCH)   # the crop keys: preprocessing, and cropping a raw image the same way
+
+
+def key(default, meaning, *scripts):
+    """A config key: its default, its one-line meaning for --help, and the scripts that read it."""
+    return field(default=default, metadata={"meaning": meaning, "scripts": scripts})
+
+
 @dataclass
 class Config:
     # --- paths -------------------------------------------------------------
-    raw_dir: str = "data/raw"              # Kaggle's files, zipped or extracted
-    processed_dir: str = "data/processed"  # train/, test/ PNGs and labels.csv
-    out_dir: str = "runs"                  # checkpoints, metrics, plots, predictions
-    demo: bool = False                     # use the synthetic data set under demo_dir
-    demo_dir: str = "data/demo"            # demo raw/ and processed/ live here
+    raw_dir: str = key("data/raw", "Kaggle's files, zipped or extracted", PRE, PREDICT, PLOT, BENCH)
+    processed_dir: str = key("data/processed", "train/, test/ PNGs and labels.csv", PRE, TRAIN, PREDICT, PLOT, BENCH)
+    out_dir: str = key("runs", "checkpoints, metrics, plots and predictions go here", TRAIN, PREDICT, PLOT, BENCH)
+    demo: bool = key(False, "use the synthetic data set under demo_dir", PRE, TRAIN, PREDICT, PLOT, BENCH)
+    demo_dir: str = key("data/demo", "the synthetic set's raw/ and processed/ live here", PRE, TRAIN, PREDICT, PLOT,
+                        BENCH)
 
     # --- preprocessing -----------------------------------------------------
-    image_size: int = 64          # side of the square PNG fed to the network
-    crop: str = "center"          # center: fixed central square (led roi by 0.004 val RMSE, 2 seeds); roi: galaxy's box
-    roi_threshold: float = 0.1    # fraction of the central brightness above the sky that counts as galaxy
-    roi_pad: float = 0.2          # the galaxy's bounding box grows by this fraction of its side
-    roi_min_size: int = 48        # smallest crop side in raw pixels (a tiny galaxy is not blown up to mush)
-    center_crop_size: int = 212   # side of the central crop in pixels of a 424-px Kaggle frame (crop=center)
-    workers: int = cpu_count()    # processes for preprocessing, data loading and prediction
-    demo_train: int = 2000        # synthetic training galaxies written by --demo
-    demo_test: int = 200          # synthetic test galaxies written by --demo
+    image_size: int = key(64, "side of the square PNG fed to the network", *CROP_READERS, TRAIN, MODEL)
+    crop: str = key("center", "center: a fixed central square of center_crop_size; roi: the galaxy's own box",
+                    *CROP_READERS)
+    roi_threshold: float = key(0.1, "crop=roi: fraction of the central brightness above the sky that counts as "
+                               "galaxy", *CROP_READERS)
+    roi_pad: float = key(0.2, "crop=roi: the galaxy's box grows by this fraction of its side", *CROP_READERS)
+    roi_min_size: int = key(48, "crop=roi: smallest crop side in raw pixels (a tiny galaxy is not blown up)",
+                            *CROP_READERS)
+    center_crop_size: int = key(212, "crop=center: side of the central square in pixels of a 424-px frame (the "
+                                "same fraction of any other)", *CROP_READERS)
+    workers: int = key(cpu_count(), "processes for preprocessing, data loading and prediction", PRE, TRAIN, PREDICT,
+                       BENCH)
+    demo_train: int = key(2000, "synthetic training galaxies written by --demo", PRE, BENCH)
+    demo_test: int = key(200, "synthetic test galaxies written by --demo", PRE, BENCH)
 
     # --- data split and augmentation ----------------------------------------
-    split_seed: int = 1337        # fixes which galaxies are train, val and test (out_dir/split.csv)
-    seed: int = 1337              # initial weights, shuffling, augmentation and dropout; the --demo galaxies
-    val_fraction: float = 0.1     # share of the labelled galaxies held out for validation
-    test_fraction: float = 0.1    # share held out for the final test (predict.py --split=test)
-    train_on_val: bool = False    # final fit: the val galaxies are trained on too (no val RMSE; best.pt = last epoch)
-    aug_flips: bool = True        # the 8 rotations/flips of the square
-    aug_rotate: float = 0.0       # max extra rotation in degrees (0 = off)
-    aug_shift: float = 0.0        # max shift as a fraction of the image side
-    aug_zoom: float = 0.0         # max relative zoom in or out
-    aug_brightness: float = 0.0   # max relative brightness change
+    split_seed: int = key(1337, "fixes which galaxies are train, val and test (out_dir/split.csv)", TRAIN, BENCH)
+    seed: int = key(1337, "initial weights, shuffling, augmentation and dropout; the --demo galaxies", PRE, TRAIN,
+                    BENCH)
+    val_fraction: float = key(0.1, "share of the labelled galaxies held out for validation", TRAIN, BENCH)
+    test_fraction: float = key(0.1, "share held out for the final test (predict.py --split=test)", TRAIN, BENCH)
+    train_on_val: bool = key(False, "final fit: train on the val galaxies too (no val RMSE; best.pt = last epoch)",
+                             TRAIN, BENCH)
+    aug_flips: bool = key(True, "the 8 rotations/flips of the square", TRAIN, BENCH)
+    aug_rotate: float = key(0.0, "max extra rotation in degrees (0 = off)", TRAIN, BENCH)
+    aug_shift: float = key(0.0, "max shift as a fraction of the image side (0 = off)", TRAIN, BENCH)
+    aug_zoom: float = key(0.0, "max relative zoom in or out (0 = off)", TRAIN, BENCH)
+    aug_brightness: float = key(0.0, "max relative brightness change (0 = off)", TRAIN, BENCH)
 
     # --- model -------------------------------------------------------------
-    output: str = "tree"          # tree: obey the decision tree; sigmoid: 37 independent outputs (the seed's)
-    dropout: float = 0.1          # after hidden linear layers; seed doesn't say, 0.5 underfits (benchmarks/ACCURACY.md)
+    output: str = key("tree", "tree: vote fractions that obey the decision tree; sigmoid: 37 independent outputs",
+                      TRAIN, MODEL, BENCH)
+    dropout: float = key(0.1, "dropout after each hidden linear layer", TRAIN, MODEL, BENCH)
 
     # --- training ----------------------------------------------------------
-    device: str = "auto"          # auto (CUDA when present) | cpu | cuda
-    epochs: int = 40              # passes over the training split
-    batch_size: int = 64          # images per optimizer step (per process under torchrun)
-    lr: float = 1e-3              # Adam's peak learning rate
-    weight_decay: float = 0.0     # Adam's L2 penalty on the weights
-    ema: float = 0.0              # decay per step of an average of the weights, which val and best.pt use (0 = off)
-    schedule: str = "onecycle"    # learning rate schedule: onecycle | cosine (after a warm-up) | constant
-    amp: str = "auto"             # bf16 autocast: auto (the faster here, CPU or GPU, timed at start-up) | true | false
-    channels_last: str = "auto"   # NHWC memory layout: auto (as amp) | true | false
-    resume: bool = False          # continue from out_dir/last.pt
-    init_from: str = ""           # a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)
-    members: int = 1              # ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...
-    members_at_once: int = 1      # ensemble: train this many members side by side (sharing the CPU's cores or one GPU)
-    max_steps: int = 0            # stop after this many optimizer steps (0 = no limit; for tests)
-    threads: int = 0              # torch CPU threads (0 = torch's default)
+    device: str = key("auto", "auto (CUDA when present) | cpu | cuda", TRAIN, PREDICT, PLOT, BENCH)
+    epochs: int = key(40, "passes over the training split", TRAIN, BENCH)
+    batch_size: int = key(64, "images per optimizer step (per process under torchrun); predict.py: per batch",
+                          TRAIN, PREDICT, BENCH)
+    lr: float = key(1e-3, "Adam's peak learning rate", TRAIN, BENCH)
+    weight_decay: float = key(0.0, "Adam's L2 penalty on the weights", TRAIN, BENCH)
+    ema: float = key(0.0, "decay per step of a moving average of the weights, which val and best.pt use (0 = off)",
+                     TRAIN, BENCH)
+    schedule: str = key("onecycle", "learning rate schedule: onecycle | cosine (after a warm-up) | constant", TRAIN,
+                        BENCH)
+    amp: str = key("auto", "bf16 autocast: auto (whichever runs faster here, timed at start-up) | true | false",
+                   TRAIN, PREDICT, PLOT, BENCH)
+    channels_last: str = key("auto", "NHWC memory layout: auto (timed with amp) | true | false", TRAIN, PREDICT,
+                             PLOT, BENCH)
+    resume: bool = key(False, "continue from out_dir/last.pt", TRAIN, BENCH)
+    init_from: str = key("", "start a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)",
+                         TRAIN, BENCH)
+    members: int = key(1, "ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...",
+                       TRAIN, BENCH)
+    members_at_once: int = key(1, "ensemble: train this many members side by side", TRAIN, BENCH)
+    max_steps: int = key(0, "stop after this many optimizer steps (0 = no limit)", TRAIN, BENCH)
+    threads: int = key(0, "torch CPU threads (0 = torch's default)", TRAIN, BENCH)
 
     # --- evaluation and prediction -----------------------------------------
-    checkpoint: str = ""          # .pt file, run folder (best.pt or member_*/best.pt), glob or comma list; 2+: ensemble
-    split: str = "kaggle"         # predict.py: kaggle (unlabelled test) | test | val | all (every galaxy, with --embed)
-    tta: bool = False             # average over the 8 rotations/flips
-    images: str = ""              # predict.py: predict these image files instead (a folder, a glob or one file)
-    embed: bool = False           # predict.py: also write each galaxy's 2048 penultimate features (embeddings.npy)
-    similar: int = 0              # plot_image.py: show this many most similar galaxies (needs embeddings)
-    embeddings: str = ""          # plot_image.py: the folder with embeddings.npy (written by predict.py --embed)
-    show: bool = False            # plot_image.py: open a window as well as saving
+    checkpoint: str = key("", ".pt file, run folder (best.pt or member_*/best.pt), glob or comma list; 2+: ensemble",
+                          PREDICT, PLOT)
+    split: str = key("kaggle", "kaggle (the unlabelled test set) | test | val | all (every galaxy, with --embed)",
+                     PREDICT)
+    tta: bool = key(False, "average over the 8 rotations/flips", PREDICT, PLOT)
+    images: str = key("", "predict these image files instead (a folder, a glob or one file)", PREDICT)
+    embed: bool = key(False, "also write each galaxy's 2048 penultimate features (embeddings.npy)", PREDICT)
+    similar: int = key(0, "show this many most similar galaxies (needs embeddings)", PLOT)
+    embeddings: str = key("", "the folder with embeddings.npy (written by predict.py --embed)", PLOT)
+    show: bool = key(False, "open a window as well as saving the figure", PLOT)
 
     # --- benchmarks -----------------------------------------------------------
-    scale: float = 1.0            # bench.py scale: fraction of Kaggle's 61,578 + 79,975 images to rehearse with
+    scale: float = key(1.0, "bench.py scale: fraction of Kaggle's 61,578 + 79,975 images to rehearse with", BENCH)
 
     def __post_init__(self):
         for key in SWITCH_KEYS:   # checkpoints made before "auto" existed stored True or False
@@ -251,20 +278,14 @@ def _script_name():
     return os.path.basename(sys.argv[0])
 
 
-@functools.cache
 def key_meanings():
-    """{key: its meaning}, read from the comment after each field of Config, so it is written once."""
-    keys = {f.name for f in fields(Config)}
-    meanings, line = {}, []
-    with open(__file__, encoding="utf-8") as source:
-        for token in tokenize.generate_tokens(source.readline):
-            if token.type == tokenize.COMMENT and line[:1] and line[0] in keys and line[1:2] == [":"]:
-                meanings.setdefault(line[0], token.string.lstrip("#").strip())
-            elif token.type in (tokenize.NEWLINE, tokenize.NL):
-                line = []
-            elif token.type not in (tokenize.INDENT, tokenize.DEDENT):
-                line.append(token.string)
-    return meanings
+    """{key: its one-line meaning}, as declared with the key."""
+    return {f.name: f.metadata["meaning"] for f in fields(Config)}
+
+
+def script_keys(script):
+    """The keys a script (preprocess, train, predict, plot_image, model, bench) reads, in declaration order."""
+    return tuple(f.name for f in fields(Config) if script in f.metadata["scripts"])
 
 
 def _shown(value):

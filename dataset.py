@@ -2,19 +2,19 @@
 with labels.csv, the cached uint8 image tensor, the train/val/test split and
 batch augmentation.
 """
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
+from PIL import Image
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from files import DataError, atomic_write, remove_dead_temp_files
+from galaxy.files import DataError, atomic_write, remove_dead_temp_files
 
 
 @dataclass(frozen=True)

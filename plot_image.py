@@ -13,35 +13,30 @@ test; an existing file, or a name with an image extension, is plotted as it is (
 --checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list.
 """
 import os
+from pathlib import Path
 import re
 import sys
 import zipfile
-from pathlib import Path
 
+from matplotlib.patches import Rectangle
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.patches import Rectangle
 
-import kaggle_raw
-import labels
-import preprocess
-from config import get_config
-from crop import CROP_KEYS, BadImage, crop_galaxy, read_image
+from config import get_config, script_keys
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, png_ids, read_labels, read_png
-from ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
-from files import atomic_write, writable_folder
-from model import CheckpointError, resolve_device, rmse
-from similar import nearest, read_embeddings
+from galaxy import kaggle_raw, labels
+from galaxy.checkpoints import CheckpointError
+from galaxy.crop import BadImage, crop_galaxy, crop_settings_mismatch, read_image
+from galaxy.ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
+from galaxy.files import atomic_write, writable_folder
+from galaxy.inference import rmse
+from galaxy.numerics import resolve_device
+from galaxy.similar import nearest, read_embeddings
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 TRUE_COLOR, PREDICTED_COLOR = "tab:blue", "tab:orange"
-# the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("checkpoint", "show", "similar", "embeddings", "raw_dir", "processed_dir", "out_dir", "demo", "demo_dir",
-               *CROP_KEYS,   # how the raw image is cropped when no checkpoint says
-               "tta", "device", "amp", "channels_last")
-
 
 # --- finding the galaxy ------------------------------------------------------------------------
 
@@ -102,7 +97,7 @@ def galaxy_images(cfg, galaxy, model_cfg=None):
             if not galaxy["png_path"]:
                 raise DataError(f"the image {source} is unusable ({err})") from None
     # the model must see the crop it was trained on; a PNG made otherwise would mislead it
-    mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
+    mismatch = crop_settings_mismatch(cfg.processed_dir, model_cfg) if model_cfg else ""
     if mismatch:
         raise DataError(f"no raw image, and the PNGs in {cfg.processed_dir} were cropped differently "
                         f"({mismatch}); put the raw images in {cfg.raw_dir} or re-run preprocess.py")
@@ -283,7 +278,7 @@ def parse_galaxy(text):
 
 
 def main():
-    cfg, args = get_config(positional=("galaxy",), doc=__doc__, keys=CONFIG_KEYS)
+    cfg, args = get_config(positional=("galaxy",), doc=__doc__, keys=script_keys("plot_image"))
     if not cfg.show:
         plt.switch_backend("Agg")  # files only, no display needed
     try:

@@ -22,19 +22,16 @@ import sys
 import numpy as np
 import pandas as pd
 
-import kaggle_raw
-from config import get_config
+from config import get_config, script_keys
 from dataset import LABEL_COLUMNS, DataError, read_labels, read_split, vote_summary
-from ensemble import crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble, resolve_checkpoints
-from evaluate import evaluate_split
-from files import atomic_write, lock_folder, writable_folder
-from model import CheckpointError, resolve_device
-from similar import write_embeddings
-
-# the config keys this script reads, with their meaning from config.py, are what --help lists
-CONFIG_KEYS = ("checkpoint", "split", "tta", "images", "embed", "raw_dir", "processed_dir", "out_dir", "demo",
-               "demo_dir", "workers", "batch_size", "device", "amp", "channels_last")
-
+from galaxy import kaggle_raw
+from galaxy.checkpoints import CheckpointError
+from galaxy.ensemble import (crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble,
+                             resolve_checkpoints)
+from galaxy.evaluate import evaluate_split
+from galaxy.files import atomic_write, lock_folder, writable_folder
+from galaxy.numerics import resolve_device
+from galaxy.similar import write_embeddings
 
 # --- where the images come from ----------------------------------------------------------------
 
@@ -204,7 +201,7 @@ def embed_all(cfg, members, groups):
 
 
 def main():
-    cfg = get_config(doc=__doc__, keys=CONFIG_KEYS)
+    cfg = get_config(doc=__doc__, keys=script_keys("predict"))
     try:
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
         # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there

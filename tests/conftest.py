@@ -10,8 +10,8 @@
 All are built once per test session. SHARED_SAMPLE is the real 3,000 + 200 image sample beside
 the repository (../shared); mark tests that need it with @needs_real_sample.
 """
-import sys
 from pathlib import Path
+import sys
 
 import pytest
 
@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # import the project's scripts as modules, from wherever pytest runs
 
 from config import build_config  # noqa: E402
-import demo  # noqa: E402
+from galaxy import demo  # noqa: E402
+from galaxy.preprocessing import preprocess  # noqa: E402
 from helpers import SMALL, run_train  # noqa: E402
-import preprocess  # noqa: E402
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/galaxy-zoo-sample"
 needs_real_sample = pytest.mark.skipif(
@@ -41,7 +41,7 @@ def demo_raw(tmp_path_factory):
 def demo_processed(demo_raw):
     cfg = build_config({"raw_dir": str(demo_raw), "processed_dir": str(demo_raw.parent / "processed"),
                         "workers": 2, "crop": "roi"})
-    preprocess.preprocess(cfg, progress=False)
+    preprocess(cfg, progress=False)
     return cfg
 
 

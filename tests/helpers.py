@@ -3,19 +3,19 @@ random-weight checkpoint, the demo config, comparing checkpoints' weights, synth
 import io
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import preprocess
 from config import Config
 from dataset import make_split, save_split
+from galaxy.crop import SETTINGS_FILE
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def save_checkpoint(path, cfg, galaxy_ids=None, seed=0, train_mean=None):
 
 def demo_config(processed_dir):
     """A Config with the crop settings the demo PNGs were made with (as training would use)."""
-    with open(os.path.join(processed_dir, preprocess.SETTINGS_FILE)) as f:
+    with open(os.path.join(processed_dir, SETTINGS_FILE)) as f:
         return Config(**json.load(f), processed_dir=str(processed_dir))
 
 

@@ -2,20 +2,20 @@
 no-GPU error and its table), bench.py train's checkpoint timing and bench.py accuracy's rows."""
 import math
 import os
+from pathlib import Path
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-import bench
-from bench_accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
-import bench_gpu
-from bench_gpu import NO_GPU, beyond_startup, gpu_table, members_side_by_side, small_processed_copy
-from bench_scale import build_kaggle_zips
+from benchmarks import gpu, speed
+from benchmarks.accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
+from benchmarks.gpu import NO_GPU, beyond_startup, gpu_table, members_side_by_side, small_processed_copy
+from benchmarks.scale import build_kaggle_zips
+from benchmarks.speed import TrainingBench, checkpoint_seconds
 from config import Config, build_config
 from helpers import REPO, run_script
 
@@ -105,8 +105,8 @@ def test_gpu_table_formats_a_run():
 
 def test_members_side_by_side_check_trains_both_ways(demo_processed, tmp_path, monkeypatch):
     # the GPU check's train.py calls on the CPU, shortened: 2 members at once, 1 epoch
-    monkeypatch.setattr(bench_gpu, "SIDE_BY_SIDE", 2)
-    monkeypatch.setattr(bench_gpu, "SIDE_BY_SIDE_EPOCHS", 1)
+    monkeypatch.setattr(gpu, "SIDE_BY_SIDE", 2)
+    monkeypatch.setattr(gpu, "SIDE_BY_SIDE_EPOCHS", 1)
     overrides = {"device": "cpu", "threads": 1, "batch_size": 16, "amp": "false", "channels_last": "false"}
     result = members_side_by_side(overrides, tmp_path, Path(demo_processed.processed_dir))
     assert (tmp_path / "members_1" / "best.pt").is_file()
@@ -143,10 +143,10 @@ def test_accuracy_rows_and_ensemble_members_are_valid_configs():
 
 
 def test_checkpoint_timing_writes_both_ways_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "ROUNDS", 1)
+    monkeypatch.setattr(speed, "ROUNDS", 1)
     cfg = Config(out_dir=str(tmp_path / "runs"), batch_size=4, image_size=32)   # a smaller net, the same writes
-    training = bench.TrainingBench(cfg, torch.device("cpu"), False, False, pool_size=8)
+    training = TrainingBench(cfg, torch.device("cpu"), False, False, pool_size=8)
     training.model_step()   # Adam's moments exist, as in a run's checkpoint
-    once, twice = bench.checkpoint_seconds(cfg, training)
+    once, twice = checkpoint_seconds(cfg, training)
     assert 0 < once < float("inf") and 0 < twice < float("inf")
     assert list((tmp_path / "runs").iterdir()) == []

@@ -1,15 +1,14 @@
 """Tests of crop.py: the region-of-interest box, the fixed central box, decoding and bad images."""
 import io
 
+from PIL import Image
 import numpy as np
 import pytest
-from PIL import Image
 from scipy import ndimage
 
-import crop
-import kaggle_raw
 from config import build_config
 from conftest import SHARED_SAMPLE, needs_real_sample
+from galaxy import crop, kaggle_raw
 from helpers import blob, jpeg_bytes, sky_with_galaxies
 
 

@@ -1,11 +1,11 @@
+from PIL import Image
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from config import Config
-from dataset import (DataError, LABEL_COLUMNS, augment, dihedral, load_images, load_training_set, make_split,
+from dataset import (LABEL_COLUMNS, DataError, augment, dihedral, load_images, load_training_set, make_split,
                      random_dihedral, read_labels, read_split, save_split, split_for_run, vote_summary)
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo
 from dataset import LABEL_COLUMNS, QUESTIONS
+from galaxy import demo
 
 
 def test_demo_labels_obey_the_decision_tree(demo_raw):

@@ -1,8 +1,8 @@
 """Ensembles: which checkpoints a spec names, the mean and spread over members x views, mixed
 crops, the submission and std files, the split check and the spread report, and plot_image."""
+from pathlib import Path
 import shutil
 import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-import plot_image
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, read_labels
-from ensemble import load_members, predict_batch, resolve_checkpoints
+from galaxy.checkpoints import CheckpointError, load_model, read_checkpoint
+from galaxy.ensemble import load_members, predict_batch, resolve_checkpoints
+from galaxy.inference import predict_views
 from helpers import demo_config, one_line_error, run_script, save_checkpoint
-from model import CheckpointError, load_model, predict_views, read_checkpoint
+import plot_image
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16", "--amp=false", "--channels_last=false"]

@@ -1,12 +1,12 @@
 import errno
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from files import DataError, atomic_write, lock_folder, remove_dead_temp_files, writable_folder
+from galaxy.files import DataError, atomic_write, lock_folder, remove_dead_temp_files, writable_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_dead_processes_temp_files_are_removed_live_ones_kept(tmp_path):
 
 
 def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from files import lock_folder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from galaxy.files import lock_folder; "
                                f"lock_folder({str(tmp_path)!r}, 'train.py'); "
                                "print('locked', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -1,22 +1,22 @@
 """Any image file: every Pillow mode decoded to 8-bit RGB by its real range, EXIF rotation, the
 decompression-bomb limit, and predict.py --images / plot_image.py on a file."""
 import io
+from pathlib import Path
 import struct
 import sys
 import zlib
-from pathlib import Path
 
+from PIL import Image
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-import plot_image
 from config import Config
-from crop import BadImage, crop_galaxy
 from dataset import LABEL_COLUMNS
+from galaxy.crop import BadImage, crop_galaxy
 from helpers import blob, save_checkpoint
+import plot_image
 from predict import main as predict_main
 
 CFG = Config(image_size=32, roi_min_size=24, crop="roi")

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
-from model import (NUMERICS_CANDIDATES, CheckpointError, DecisionTreeHead, GalaxyCNN, choose_numerics, flat_features,
-                   layer_table, load_model, numerics_name, predict, rmse)
 from config import Config
+from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
+from galaxy.checkpoints import CheckpointError, load_model
+from galaxy.inference import predict, rmse
+from galaxy.numerics import NUMERICS_CANDIDATES, choose_numerics, numerics_name
 from helpers import run_script
+from model import DecisionTreeHead, GalaxyCNN, flat_features, layer_table
 
 
 def test_shapes_follow_the_seed_diagram():

@@ -1,18 +1,18 @@
 """plot_image.py on the small synthetic set: train and test galaxies, with and without a
 checkpoint, raw or processed-only, and its one-line errors."""
-import sys
 from pathlib import Path
+import sys
 
+from PIL import Image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from PIL import Image
 
-import helpers
-import plot_image
 from dataset import LABEL_COLUMNS, png_ids, read_labels
-from plot_image import closest_ids, find_galaxy, galaxy_images, plot_galaxy, true_vote_fractions
+import helpers
 from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
+import plot_image
+from plot_image import closest_ids, find_galaxy, galaxy_images, plot_galaxy, true_vote_fractions
 
 
 def run_plot(*args):

@@ -2,29 +2,29 @@
 images, test-time augmentation, and the per-question evaluation."""
 import math
 import os
+from pathlib import Path
 import shutil
 import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-import helpers
-import kaggle_raw
-import preprocess
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
-from files import lock_folder
+from galaxy import ensemble, kaggle_raw
+from galaxy.ensemble import crop_sources, galaxy_tasks, load_crops
+from galaxy.evaluate import evaluation_table, question_rmse
+from galaxy.files import lock_folder
+from galaxy.inference import predict
+import helpers
 from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
-from model import build_model, predict
-import ensemble
-from ensemble import crop_sources, galaxy_tasks, load_crops
-from evaluate import evaluation_table, question_rmse
+from model import build_model
 from predict import fallback_prediction, fill_skipped
 from predict import main as predict_main
+
 
 FAST = ["--workers=1", "--batch_size=16"]
 
@@ -262,7 +262,7 @@ def test_read_only_out_dir_is_a_one_line_error(demo, tmp_path):
 
 def test_an_unforeseen_error_skips_one_image(demo, monkeypatch):
     reference = sorted(kaggle_raw.raw_images(demo["raw_dir"], "test").items())[0]
-    monkeypatch.setattr(preprocess, "worker_job", {"raw_dir": str(demo["raw_dir"]),
+    monkeypatch.setattr(ensemble, "worker_job", {"raw_dir": str(demo["raw_dir"]),
                                                    "groups": [{"cfg": demo["cfg"], "use_png": False}]})
     monkeypatch.setattr(ensemble, "crop_galaxy", lambda data, cfg: 1 / 0)
     task = (reference[0], {"raw": reference[1]})

@@ -1,30 +1,31 @@
 """Tests of preprocess.py: the raw layouts, resuming, safe writing, bad input, the CLI."""
 import io
 import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-import kaggle_raw
-import preprocess
 from config import build_config
 from conftest import REPO, SHARED_SAMPLE, needs_real_sample
 from dataset import LABEL_COLUMNS, DataError
+from galaxy import kaggle_raw
 from helpers import jpeg_bytes, sky_with_galaxies
+from galaxy import files, preprocessing
+from galaxy.crop import SETTINGS_FILE
 
 
 def run(cfg_overrides):
     cfg = build_config({"workers": 2, "crop": "roi", **cfg_overrides})
-    return cfg, preprocess.preprocess(cfg, progress=False)
+    return cfg, preprocessing.preprocess(cfg, progress=False)
 
 
 def run_cli(*args):
@@ -34,7 +35,7 @@ def run_cli(*args):
 
 def test_png_writer_round_trips_through_pillow():
     pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)   # not square: rows vs columns
-    png = preprocess._png_bytes(Image.fromarray(pixels))
+    png = preprocessing._png_bytes(Image.fromarray(pixels))
     Image.open(io.BytesIO(png)).verify()   # the chunk CRCs
     with Image.open(io.BytesIO(png)) as image:
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
@@ -43,10 +44,10 @@ def test_png_writer_round_trips_through_pillow():
 @pytest.mark.parametrize("unnamed_files", [True, False])   # Linux's O_TMPFILE, and the portable way
 def test_files_are_written_whole_and_replace_old_ones(tmp_path, monkeypatch, unnamed_files):
     if not unnamed_files:
-        monkeypatch.delattr(preprocess.os, "O_TMPFILE", raising=False)
-    preprocess._write_whole(str(tmp_path / "new.png"), b"new")
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    files.write_whole(str(tmp_path / "new.png"), b"new")
     (tmp_path / "old.png").write_bytes(b"a half-written file from a killed older tool")
-    preprocess._write_whole(str(tmp_path / "old.png"), b"replaced")
+    files.write_whole(str(tmp_path / "old.png"), b"replaced")
     assert (tmp_path / "new.png").read_bytes() == b"new" and (tmp_path / "old.png").read_bytes() == b"replaced"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.png", "old.png"]   # no temporary files left
 
@@ -56,7 +57,7 @@ def test_labels_csv_text_is_what_pandas_writes():
     values = np.concatenate([rng.random((5, len(LABEL_COLUMNS))), np.zeros((1, len(LABEL_COLUMNS)))])
     values[0, :3] = [1.0, 0.175681575, 1e-7]   # Kaggle's 9 decimals, whole numbers, tiny ones
     labels = pd.DataFrame(values, columns=LABEL_COLUMNS, index=pd.Index([100008, 5, 999999, 7, 8, 9], name="GalaxyID"))
-    assert preprocess._labels_csv(labels) == labels.reset_index().to_csv(index=False)
+    assert preprocessing._labels_csv(labels) == labels.reset_index().to_csv(index=False)
 
 
 # --- raw layouts --------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_cli_overrides_and_unknown_keys(demo_raw, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "112 PNGs written" in result.stdout
     assert Image.open(next((tmp_path / "test").glob("*.png"))).size == (32, 32)
-    assert '"crop": "center"' in (tmp_path / preprocess.SETTINGS_FILE).read_text()
+    assert '"crop": "center"' in (tmp_path / SETTINGS_FILE).read_text()
     result = run_cli("--cropp=center")
     assert result.returncode != 0 and "unknown key --cropp" in result.stderr
     result = run_cli(f"--raw_dir={tmp_path / 'missing'}")

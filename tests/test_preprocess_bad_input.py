@@ -2,30 +2,30 @@
 members, odd label rows, unwritable output folders, two runs at once, unforeseen errors."""
 import errno
 import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import kaggle_raw
-import preprocess
 from config import build_config
 from conftest import REPO
 from dataset import DataError
-from files import atomic_write
+from galaxy import kaggle_raw
+from galaxy.files import atomic_write
+from galaxy.labels import read_labels
 from helpers import one_line_error, run_script, without_root_powers
-from labels import read_labels
+from galaxy import files, preprocessing
 
 
 def run(cfg_overrides):
     cfg = build_config({"workers": 2, **cfg_overrides})
-    return cfg, preprocess.preprocess(cfg, progress=False)
+    return cfg, preprocessing.preprocess(cfg, progress=False)
 
 
 def demo_members(demo_raw, count):
@@ -152,8 +152,9 @@ def test_read_only_output_is_a_one_line_error(demo_raw, tmp_path, read_only):
 def slowed_run(raw, out):
     """preprocess.py in a new session, 0.1 s per image (the workers are forked, so they share the delay)."""
     code = ("import sys, time, preprocess\n"
-            "crop = preprocess.crop_galaxy\n"
-            "preprocess.crop_galaxy = lambda *args: (time.sleep(0.1), crop(*args))[1]\n"
+            "from galaxy import preprocessing\n"
+            "crop = preprocessing.crop_galaxy\n"
+            "preprocessing.crop_galaxy = lambda *args: (time.sleep(0.1), crop(*args))[1]\n"
             "sys.argv[0] = 'preprocess.py'\n"
             "preprocess.main()\n")
     return subprocess.Popen([sys.executable, "-c", code, f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=1"],
@@ -188,14 +189,14 @@ def test_second_run_on_one_folder_fails_fast_and_a_dead_runs_lock_is_taken_over(
 def test_an_unforeseen_error_skips_one_image_not_the_run(demo_raw, tmp_path, monkeypatch):
     references = kaggle_raw.raw_images(demo_raw, "test")
     victim = min(references)
-    victim_bytes, crop = kaggle_raw.read_raw(demo_raw, references[victim]), preprocess.crop_galaxy
+    victim_bytes, crop = kaggle_raw.read_raw(demo_raw, references[victim]), preprocessing.crop_galaxy
 
     def crop_or_fail(data, cfg):   # the workers are forked, so they see this too
         if data == victim_bytes:
             raise RuntimeError("something no one foresaw")
         return crop(data, cfg)
 
-    monkeypatch.setattr(preprocess, "crop_galaxy", crop_or_fail)
+    monkeypatch.setattr(preprocessing, "crop_galaxy", crop_or_fail)
     _, summary = run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "out")})
     assert summary["test"] == 15 and summary["skipped"] == {"unexpected error": 1}
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
@@ -203,11 +204,11 @@ def test_an_unforeseen_error_skips_one_image_not_the_run(demo_raw, tmp_path, mon
 
     def interrupted(data, cfg):
         raise KeyboardInterrupt
-    monkeypatch.setattr(preprocess, "crop_galaxy", interrupted)
-    monkeypatch.setattr(preprocess, "worker_job", {"cfg": build_config({}), "raw_dir": str(demo_raw),
+    monkeypatch.setattr(preprocessing, "crop_galaxy", interrupted)
+    monkeypatch.setattr(preprocessing, "worker_job", {"cfg": build_config({}), "raw_dir": str(demo_raw),
                                                    "processed_dir": str(tmp_path / "out")})
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C still stops the run
-        preprocess._crop_and_save(("test", victim, references[victim], False))
+        preprocessing._crop_and_save(("test", victim, references[victim], False))
 
 
 def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_pngs_written(demo_raw, tmp_path, monkeypatch):
@@ -224,8 +225,8 @@ def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_pngs_written(dem
 
     def png_writes_fail(path, write):   # the workers are forked, so they see this too
         return atomic_write(path, no_space if str(path).endswith(".png") else write)
-    monkeypatch.delattr(preprocess.os, "O_TMPFILE", raising=False)   # every PNG through atomic_write
-    monkeypatch.setattr(preprocess, "atomic_write", png_writes_fail)
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)   # every PNG through atomic_write
+    monkeypatch.setattr(files, "atomic_write", png_writes_fail)
     with pytest.raises(DataError, match=r"could not write .*\.png: no space left on its disk"):
         run({"raw_dir": str(demo_raw), "processed_dir": str(out)})
     assert sorted((out / "train").glob("*.png")) == kept and not list(out.rglob("*.tmp"))

@@ -2,16 +2,16 @@
 plot_image.py --similar."""
 import sys
 
+from PIL import Image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from PIL import Image
 
-import plot_image
 from config import Config
+from galaxy.similar import nearest, read_embeddings, row_norms
 from helpers import blob, save_checkpoint
+import plot_image
 from predict import main as predict_main
-from similar import nearest, read_embeddings, row_norms
 
 # a fixed central crop of an even-sided image is symmetric, so a rotated image gives the rotated crop
 CFG = Config(image_size=32, crop="center", center_crop_size=64)

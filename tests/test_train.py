@@ -1,22 +1,23 @@
 """train.py end to end on a small synthetic set, through its command line."""
 import json
+from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
+from PIL import Image
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
-from dataset import LABEL_COLUMNS
 from config import Config, parse_overrides
-from model import GalaxyCNN, load_model
+from dataset import LABEL_COLUMNS
+from galaxy.checkpoints import load_model
+from galaxy.training import make_optimizer
 from helpers import SMALL, one_line_error, run_script, run_train, same_weights, weights, without_root_override
+from model import GalaxyCNN
 import train
-from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,26 +1,26 @@
 """train.py runs over time: resuming with changed settings, extending, fine-tuning, ensembles,
 the out_dir lock, and kills at any moment (checkpoint writes included)."""
 import builtins
+from dataclasses import fields
 import os
+from pathlib import Path
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-import runs
 from config import Config
-from files import DataError
+from galaxy import runs
+from galaxy.files import DataError
+from galaxy.runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
+from galaxy.training import make_optimizer
 from helpers import one_line_error, run_script, run_train, same_weights, save_checkpoint, weights
-from runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
-from train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,12 @@ exactly the same way for training, for prediction and for the plot. crop=roi box
 at the frame centre (the seed's region of interest); crop=center takes a fixed central square.
 """
 import io
+import json
+import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
 from scipy import ndimage
 
 CROP_KEYS = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size")
@@ -257,3 +259,30 @@ def crop_galaxy(source, cfg):
     scaled_box = (box[0] / scale_x, box[1] / scale_y, box[2] / scale_x, box[3] / scale_y)
     size = (cfg.image_size, cfg.image_size)
     return image.resize(size, Image.Resampling.BOX, box=scaled_box), box
+
+
+# --- the crop settings a folder of PNGs was made with -------------------------------------
+
+SETTINGS_FILE = "preprocess.json"   # the crop settings the PNGs in processed_dir were made with
+
+
+def crop_settings(processed_dir):
+    """The crop settings processed_dir's PNGs were made with ({} if it has no record)."""
+    path = os.path.join(processed_dir, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def crop_settings_mismatch(processed_dir, model_cfg):
+    """'' when processed_dir's PNGs were cropped as the model was trained, else what differs.
+
+    PNGs made with another crop would feed the model galaxies at a different scale from the
+    ones it learnt.
+    """
+    made_with = crop_settings(processed_dir)
+    if not made_with:
+        return ""  # older output without the record: read_png still checks the size
+    return ", ".join(f"{key} {made_with.get(key)} there, {getattr(model_cfg, key)} in the checkpoint"
+                     for key in CROP_KEYS if made_with.get(key) != getattr(model_cfg, key))

@@ -2,16 +2,16 @@
 every row of benchmarks/ACCURACY.md, trained from scratch through train.py and scored through
 predict.py, and the ensembles scored on the test split.
 """
+from pathlib import Path
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 
-import preprocess
 from config import build_config
-from files import atomic_write
+from galaxy.files import atomic_write
+from galaxy.preprocessing import preprocess
 
 # What each choice around the seed architecture is worth on real galaxies. Every row trains from
 # scratch on the real sample and is judged by its best validation RMSE. The rows spell out every
@@ -200,7 +200,7 @@ def _processed_for(settings, cfg, results_dir):
     """One processed folder per crop setting, made once and reused by every row that needs it."""
     size = f"_{settings.center_crop_size}" if settings.crop == "center" else ""
     processed_dir = str(results_dir / f"data_{settings.crop}{size}_{settings.image_size}")
-    preprocess.preprocess(build_config({**settings.to_dict(), "raw_dir": cfg.raw_dir, "processed_dir": processed_dir}),
+    preprocess(build_config({**settings.to_dict(), "raw_dir": cfg.raw_dir, "processed_dir": processed_dir}),
                           progress=False)
     return processed_dir
 

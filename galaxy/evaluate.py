@@ -4,18 +4,17 @@ whether the members' spread predicts the error.
 """
 import os
 
+from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, read_labels, read_split
-from ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
-                      spread_calibration)
-from files import atomic_write
-from model import rmse
-from similar import write_embeddings
-
+from galaxy.ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
+                             spread_calibration)
+from galaxy.files import atomic_write
+from galaxy.inference import rmse
+from galaxy.similar import write_embeddings
 
 # --- the metric per question ---------------------------------------------------------------
 

@@ -9,20 +9,20 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 import sys
 import zipfile
-from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from crop import KAGGLE_SIDE
 from dataset import LABEL_COLUMNS, QUESTIONS
-from files import atomic_write, temp_name
-from kaggle_raw import SPLIT_FOLDERS
-from labels import SOLUTIONS
-from preprocess import run_pool
+from galaxy.crop import KAGGLE_SIDE
+from galaxy.files import atomic_write, temp_name
+from galaxy.kaggle_raw import SPLIT_FOLDERS
+from galaxy.labels import SOLUTIONS
+from galaxy.pool import run_pool
 
 DEMO_MARKER = "synthetic_demo.json"   # says a folder is ours to (re)write
 DEMO_SIDE = KAGGLE_SIDE              # Kaggle's 424 x 424 frames

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from dataset import DataError
-from files import atomic_write
+from galaxy.files import atomic_write
 
 EMBEDDINGS_FILE, IDS_FILE = "embeddings.npy", "embeddings_ids.csv"
 LABELLED_SOURCES = ("train", "val", "test", "labelled")

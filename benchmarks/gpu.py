@@ -20,24 +20,24 @@ Without a CUDA GPU it stops at once with a one-line error.
 import datetime
 import math
 import os
+from pathlib import Path
 import re
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-import demo
-import predict as predict_script
-import preprocess
-import train as train_script
-from bench import INFERENCE_BATCH, bench_train, machine_name
-from bench_accuracy import ROTATE_ZOOM_SHIFT
-from bench_scale import check, model_only_rate, run_command, script_command
+from benchmarks.accuracy import ROTATE_ZOOM_SHIFT
+from benchmarks.common import INFERENCE_BATCH, machine_name
+from benchmarks.scale import check, model_only_rate, run_command, script_command
+from benchmarks.speed import bench_train
 from config import build_config
-from model import numerics_name
+from galaxy import demo
+from galaxy.crop import SETTINGS_FILE
+from galaxy.numerics import numerics_name
+from galaxy.preprocessing import preprocess
 
 NO_GPU = "error: bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False)"
 DEMO_TRAIN, DEMO_TEST = 2_000, 5_000   # enough test images for predict.py to reach its steady rate
@@ -65,7 +65,7 @@ def synthetic_set(cfg, folder):
     """The processed folder of a synthetic set of DEMO_TRAIN + DEMO_TEST galaxies made in folder."""
     raw, processed = folder / "raw", folder / "processed"
     demo.make_demo(raw, DEMO_TRAIN, DEMO_TEST, cfg.seed, workers=cfg.workers, progress=False)
-    preprocess.preprocess(build_config({"raw_dir": str(raw), "processed_dir": str(processed),
+    preprocess(build_config({"raw_dir": str(raw), "processed_dir": str(processed),
                                         "workers": cfg.workers}), progress=False)
     return processed
 
@@ -75,7 +75,7 @@ def torchrun_and_predict(cfg, overrides, folder, processed):
     without and with TTA; the results of both steps."""
     run = folder / "run"
     train_command = script_command("train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1",
-                                                f"--max_steps={TORCHRUN_STEPS}"], overrides, train_script.CONFIG_KEYS)
+                                                f"--max_steps={TORCHRUN_STEPS}"], overrides)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_command[1:]]
     code, seconds, _, output = run_command(command, timeout=STEP_TIMEOUT_S)
     ok = code == 0 and (run / "last.pt").is_file()
@@ -93,8 +93,7 @@ def torchrun_and_predict(cfg, overrides, folder, processed):
             code, seconds[name], _, output = run_command(script_command(
                 "predict.py", [f"--checkpoint={run / 'last.pt'}", f"--raw_dir={no_raw}",
                                f"--processed_dir={processed_dir}", f"--out_dir={folder / ('predict_' + name)}",
-                               *(["--tta"] if tta else [])],
-                overrides, predict_script.CONFIG_KEYS), timeout=STEP_TIMEOUT_S)
+                               *(["--tta"] if tta else [])], overrides), timeout=STEP_TIMEOUT_S)
             check(code, output, "predict.py")
         key = "predict_tta" if tta else "predict"
         results[key] = DEMO_TEST / seconds["full"]
@@ -115,7 +114,7 @@ def members_side_by_side(overrides, folder, processed):
                 f"--epochs={SIDE_BY_SIDE_EPOCHS}", f"--members={at_once}", f"--members_at_once={at_once}",
                 *(f"--{key}={value}" for key, value in ROTATE_ZOOM_SHIFT.items())]
         code, seconds[at_once], _, output = run_command(
-            script_command("train.py", args, overrides, train_script.CONFIG_KEYS), timeout=STEP_TIMEOUT_S)
+            script_command("train.py", args, overrides), timeout=STEP_TIMEOUT_S)
         check(code, output, f"train.py --members={at_once} --members_at_once={at_once}")
     gain = SIDE_BY_SIDE * seconds[1] / seconds[SIDE_BY_SIDE]
     print(f"members side by side: {SIDE_BY_SIDE} in {seconds[SIDE_BY_SIDE]:.1f} s, one alone in {seconds[1]:.1f} s: "
@@ -127,7 +126,7 @@ def small_processed_copy(processed, small, count):
     """A processed folder with the first count test PNGs of processed (hard links where possible)
     and its settings, for timing predict.py's start-up."""
     (small / "test").mkdir(parents=True)
-    for name in (preprocess.SETTINGS_FILE, "labels.csv"):
+    for name in (SETTINGS_FILE, "labels.csv"):
         if (processed / name).is_file():
             shutil.copy(processed / name, small / name)
     for png in sorted((processed / "test").glob("*.png"))[:count]:

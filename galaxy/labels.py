@@ -5,10 +5,10 @@ skipped.csv; open_zip opens any of Kaggle's zips with an error that says to down
 """
 import csv
 import io
+from pathlib import Path
 import warnings
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -17,6 +17,7 @@ threads keys given here are passed on to the scripts.
 import datetime
 import io
 import os
+from pathlib import Path
 import re
 import resource
 import shutil
@@ -27,16 +28,16 @@ import tempfile
 import threading
 import time
 import zipfile
-from pathlib import Path
 
 import torch
 
-import kaggle_raw
-import preprocess
-import predict as predict_script
-import train as train_script
-from bench import ROUNDS, machine_name
-from model import build_model, choose_numerics, predict_views, resolve_device
+from benchmarks.common import REPO, ROUNDS, machine_name
+from config import script_keys
+from galaxy import kaggle_raw
+from galaxy.inference import predict_views
+from galaxy.labels import SOLUTIONS
+from galaxy.numerics import choose_numerics, resolve_device
+from model import build_model
 
 KAGGLE_TRAIN, KAGGLE_TEST = 61_578, 79_975
 FIRST_ID = 100_000            # fresh GalaxyIDs: 100000 ... 241552 at full scale, six digits like Kaggle's
@@ -45,7 +46,6 @@ TRAIN_STEPS = 40
 TARGET_PREPROCESS_S = 90      # the whole Kaggle set
 TARGET_PREDICT_RATIO = 0.9    # predict.py's img/s against the model alone
 TARGET_RSS = 4 << 30
-REPO = Path(__file__).resolve().parent
 # keys the scripts read that the bench leaves to the user; paths, epochs and steps are the bench's own
 PASSED_ON = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "center_crop_size", "workers",
              "threads", "batch_size", "device", "amp", "channels_last", "output")
@@ -56,7 +56,7 @@ PASSED_ON = ("crop", "image_size", "roi_threshold", "roi_pad", "roi_min_size", "
 def _label_rows(raw_dir):
     """(header line, {GalaxyID: the rest of its line}) of the labels file as written, from the
     .csv or the .zip, so the rehearsal's rows are byte for byte Kaggle's."""
-    csv_path, zip_path = Path(raw_dir) / f"{preprocess.SOLUTIONS}.csv", Path(raw_dir) / f"{preprocess.SOLUTIONS}.zip"
+    csv_path, zip_path = Path(raw_dir) / f"{SOLUTIONS}.csv", Path(raw_dir) / f"{SOLUTIONS}.zip"
     if csv_path.is_file():
         text = csv_path.read_text()
     elif not zip_path.is_file():
@@ -107,8 +107,8 @@ def build_kaggle_zips(source_dir, raw_dir, n_train, n_test, first_id=FIRST_ID):
     lines.write(header + "\n")
     for i in range(n_train):
         lines.write(f"{first_id + i},{label_rows[train_ids[i % len(train_ids)]]}\n")
-    with zipfile.ZipFile(raw_dir / f"{preprocess.SOLUTIONS}.zip", "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(f"{preprocess.SOLUTIONS}.csv", lines.getvalue())
+    with zipfile.ZipFile(raw_dir / f"{SOLUTIONS}.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{SOLUTIONS}.csv", lines.getvalue())
     return {"train": len(train_ids), "test": len(test_jpegs)}
 
 
@@ -159,8 +159,9 @@ def run_command(command, on_output=None, timeout=None):
     return child.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024, "".join(chunks)
 
 
-def script_command(script, args, overrides, keys):
+def script_command(script, args, overrides):
     """python <script> args..., with the overrides of PASSED_ON keys that the script reads."""
+    keys = script_keys(Path(script).stem)
     passed = [f"--{key}={overrides[key]}" for key in PASSED_ON if key in overrides and key in keys]
     return [sys.executable, str(REPO / script), *args, *passed]
 
@@ -267,7 +268,7 @@ def rehearse(cfg, overrides):
             "report only")
 
         code, seconds, rss, output = run_command(script_command(
-            "preprocess.py", [f"--raw_dir={raw}", f"--processed_dir={processed}"], overrides, preprocess.CONFIG_KEYS))
+            "preprocess.py", [f"--raw_dir={raw}", f"--processed_dir={processed}"], overrides))
         check(code, output, "preprocess.py")
         full_set = seconds / cfg.scale
         add(f"preprocess.py ({n_train + n_test:,} images from the zips)", seconds, n_train + n_test, _rss(rss),
@@ -279,8 +280,7 @@ def rehearse(cfg, overrides):
         progress, wall_started = TrainProgress(), time.time()
         code, seconds, rss, output = run_command(script_command(
             "train.py", [f"--processed_dir={processed}", f"--out_dir={run}", "--epochs=1",
-                         f"--max_steps={TRAIN_STEPS}"],
-            overrides, train_script.CONFIG_KEYS), on_output=progress)
+                         f"--max_steps={TRAIN_STEPS}"], overrides), on_output=progress)
         check(code, output, "train.py")
         cache = processed / "train_images.pt"   # dataset.load_images' cache, written once it is built
         cache_seconds = cache.stat().st_mtime - wall_started
@@ -301,8 +301,7 @@ def rehearse(cfg, overrides):
             out_dir = folder / f"predict{'_tta' if tta else ''}"
             code, seconds, rss, output = run_command(script_command(
                 "predict.py", [f"--checkpoint={run / 'last.pt'}", f"--raw_dir={raw}", f"--processed_dir={processed}",
-                               f"--out_dir={out_dir}", *(["--tta"] if tta else [])], overrides,
-                predict_script.CONFIG_KEYS))
+                               f"--out_dir={out_dir}", *(["--tta"] if tta else [])], overrides))
             check(code, output, "predict.py")
             with open(out_dir / "submission.csv") as f:
                 predicted = sum(1 for _ in f) - 1

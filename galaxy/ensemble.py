@@ -5,23 +5,23 @@ members' (and TTA views') vote fractions.
 
 predict.py and plot_image.py both predict through here: one checkpoint is an ensemble of one.
 """
+from dataclasses import dataclass
 import glob
 import os
 import zipfile
-from dataclasses import dataclass
 
+from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
 
-import kaggle_raw
-import preprocess
-from crop import CROP_KEYS, BadImage, crop_galaxy
 from dataset import NUM_OUTPUTS, DataError, png_ids, read_png
-from files import atomic_write
-from model import (CheckpointError, choose_numerics, model_from_checkpoint, predict_views, read_checkpoint,
-                   unfinished_run)
-
+from galaxy import kaggle_raw
+from galaxy.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint, unfinished_run
+from galaxy.crop import CROP_KEYS, BadImage, crop_galaxy, crop_settings_mismatch
+from galaxy.files import atomic_write
+from galaxy.inference import predict_views
+from galaxy.numerics import choose_numerics
+from galaxy.pool import run_pool, unexpected_error, worker_job
 
 # --- which checkpoints ---------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def crop_sources(cfg, groups, pngs, raw, kaggle_split):
     png_dir = os.path.join(cfg.processed_dir, kaggle_split)
     use_png, sources = [], []
     for group in groups:
-        mismatch = preprocess.crop_settings_mismatch(cfg.processed_dir, group) if pngs else "no PNGs"
+        mismatch = crop_settings_mismatch(cfg.processed_dir, group) if pngs else "no PNGs"
         use_png.append(not mismatch)
         if not mismatch:
             sources.append(f"processed PNGs in {png_dir}")
@@ -169,7 +169,7 @@ def load_crops(task):
     others crop the raw bytes, read once however many groups need them.
     """
     name, where = task
-    job = preprocess.worker_job
+    job = worker_job
     data, crops = None, []
     try:
         for group in job["groups"]:
@@ -191,7 +191,7 @@ def load_crops(task):
     except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, DataError) as err:   # corrupt, truncated
         return name, None, f"unreadable file: {type(err).__name__}: {err}"
     except Exception as err:   # one bad image must never end a run, whatever it raises
-        return name, None, preprocess.unexpected_error(err)
+        return name, None, unexpected_error(err)
     return name, crops, ""
 
 
@@ -250,7 +250,7 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
             features.append(batch_features.numpy().astype(np.float16))
         batch.clear()
 
-    for name, crops, reason in preprocess.run_pool(load_crops, tasks, cfg.workers, job, description, ordered=True):
+    for name, crops, reason in run_pool(load_crops, tasks, cfg.workers, job, description, ordered=True):
         if crops is None:
             skipped.append((name, reason))
             continue

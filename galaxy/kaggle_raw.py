@@ -3,12 +3,12 @@ the extracted folder), which GalaxyID each one is, and their bytes; and the mess
 which file goes where when raw_dir holds none.
 """
 import os
+from pathlib import Path
 import zipfile
 import zlib
-from pathlib import Path
 
-from crop import BadImage
-from labels import open_zip, skip_record
+from galaxy.crop import BadImage
+from galaxy.labels import open_zip, skip_record
 
 # Kaggle's image folders, without .zip
 SPLIT_FOLDERS = {"train": "images_training_rev1", "test": "images_test_rev1"}

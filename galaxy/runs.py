@@ -15,13 +15,12 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 
-import preprocess
 from config import build_config, config_from_dict, cpu_count
-from crop import CROP_KEYS
-from files import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
-from model import CheckpointError, read_checkpoint
+from galaxy.checkpoints import CheckpointError, read_checkpoint
+from galaxy.crop import CROP_KEYS, crop_settings
+from galaxy.files import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
 
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")   # each member runs it
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")   # each member runs it
 # tests only: seconds each checkpoint lingers under its temporary name, so a kill can land mid-write
 SAVE_DELAY = float(os.environ.get("TRAIN_TEST_SAVE_DELAY", "0"))
 
@@ -69,7 +68,7 @@ def adopt_crop_settings(cfg, overrides):
     """Take the crop keys from the settings preprocess.py saved with the PNGs, so the checkpoint
     records how its inputs were really made and predict.py crops raw JPEGs the same way. A crop
     key asked for on the command line that the PNGs were not made with is an error."""
-    for key, value in preprocess.crop_settings(cfg.processed_dir).items():
+    for key, value in crop_settings(cfg.processed_dir).items():
         if key not in CROP_KEYS:
             continue
         value = type(getattr(cfg, key))(value)

@@ -1,0 +1,63 @@
+"""Reading what train.py saved: a checkpoint loaded safely (weights_only), checked, and turned
+back into the model it was trained as, with a one-line error naming the fix when it cannot be."""
+import os
+
+import torch
+
+from config import config_from_dict
+from model import build_model
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def unfinished_run(folder):
+    """What to do with a run that has written no best.pt (stopped before its first epoch ended)."""
+    return (f"the run in {folder} has not finished an epoch yet; go on with "
+            f"`python train.py --out_dir={folder} --resume`")
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The dict saved by train.py, loaded safely; CheckpointError with the fix if unusable."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) == "best.pt" and os.path.isfile(os.path.join(folder, "last.pt")):
+            raise CheckpointError(f"checkpoint {path} not found: {unfinished_run(folder)}") from None
+        raise CheckpointError(f"checkpoint {path} not found; train one with `python train.py` "
+                              f"or pass --checkpoint=<out_dir>/best.pt") from None
+    except Exception as err:  # truncated file, not a torch file, pickled objects, ...
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
+                              f"it is not a checkpoint written by train.py") from None
+
+
+def load_state(model, state_dict, path):
+    """load_state_dict with a one-line explanation when the shapes do not match."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {path} was saved from a different model ({first}); "
+                              f"use a checkpoint trained with the same image_size and output, "
+                              f"or start afresh without --resume") from None
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the trained model from a checkpoint: returns (model in eval mode, its Config)."""
+    return model_from_checkpoint(read_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(checkpoint, path, device="cpu"):
+    """load_model for a checkpoint already read (by read_checkpoint) from path."""
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} has no model/config; it was not written by train.py")
+    try:
+        cfg = config_from_dict(checkpoint["config"]).validate()
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} holds an unusable config ({err}); "
+                              f"it was not written by this project's train.py") from None
+    model = build_model(cfg)
+    load_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), cfg
