@@ -13,6 +13,7 @@ The checkpoint carries the config it was trained with, so evaluation and
 prediction rebuild exactly the same model and crop.
 """
 from dataclasses import asdict, dataclass, field, fields
+import math
 import os
 import sys
 
@@ -22,6 +23,23 @@ def cpu_count():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity mask
         return os.cpu_count() or 1
+
+
+def max_workers():
+    """The most worker processes (and torch threads) a command may ask for: 4 per core, at most 64,
+    but never fewer than the cores (the default). Each worker is a fork of a process that may
+    hold GBs, so --workers=10000 would exhaust the machine long before it sped anything up."""
+    return max(cpu_count(), min(4 * cpu_count(), 64))
+
+
+# The smallest image side GalaxyCNN takes: every conv and pool of model.py must leave at least one
+# pixel (18 -> conv 9x9 12 -> pool 6 -> conv 5x5 4 -> pool 2 -> conv 3x3 2 -> pool 1 -> conv 1x1 3 -> pool 1).
+# config.py imports no torch, so the rule is restated here; tests/test_model.py checks it against the network.
+MIN_IMAGE_SIZE = 18
+FRAME_SIDE = 424                 # Kaggle's JPEGs are 424 x 424; center_crop_size is in its pixels
+MIN_CENTER_CROP = 8              # a smaller square is a few pixels blown up to image_size: flat colour, no galaxy
+MAX_SEED = 2 ** 32 - 1           # numpy wants seeds >= 0, torch.manual_seed below 2**64 (train.py multiplies it)
+MAX_SIMILAR = 64                 # plot_image.py --similar draws one row of thumbnails
 
 
 # The command-line scripts, by the name each key lists in `scripts` (what its --help shows and reads)
@@ -57,6 +75,8 @@ class Config:
                                 "same fraction of any other)", *CROP_READERS)
     workers: int = key(cpu_count(), "processes for preprocessing, data loading and prediction", PRE, TRAIN, PREDICT,
                        BENCH)
+    ids: str = key("", "preprocess only the galaxies whose GalaxyID is in this CSV (a GalaxyID column) or text "
+                   "file (one ID per line)", PRE, TRAIN, BENCH)
     demo_train: int = key(2000, "synthetic training galaxies written by --demo", PRE, BENCH)
     demo_test: int = key(200, "synthetic test galaxies written by --demo", PRE, BENCH)
 
@@ -100,6 +120,8 @@ class Config:
     members: int = key(1, "ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...",
                        TRAIN, BENCH)
     members_at_once: int = key(1, "ensemble: train this many members side by side", TRAIN, BENCH)
+    recipe: str = key("", "a recipe (a name in recipes/ or a .py file): preprocess its crops, train its members, "
+                      "evaluate them", TRAIN, BENCH)
     max_steps: int = key(0, "stop after this many optimizer steps (0 = no limit)", TRAIN, BENCH)
     threads: int = key(0, "torch CPU threads (0 = torch's default)", TRAIN, BENCH)
 
@@ -122,8 +144,16 @@ class Config:
         for key in SWITCH_KEYS:   # checkpoints made before "auto" existed stored True or False
             setattr(self, key, _switch(getattr(self, key)))
 
-    def validate(self):
-        """Raise ValueError for a setting that cannot work, with what to do instead."""
+    def validate(self, this_machine=True):
+        """Raise ValueError for a setting that cannot work, with what to do instead.
+
+        this_machine=False leaves out the bounds that depend on the machine (workers, threads,
+        members_at_once): a checkpoint's config was made on the machine that trained it.
+        """
+        for f in fields(self):   # inf or nan passes every comparison below that it should fail, or none at all
+            value = getattr(self, f.name)
+            if f.type is float and isinstance(value, (int, float)) and not math.isfinite(value):
+                raise ValueError(f"impossible config: {f.name} must be a finite number, not {value}")
         checks = [
             (self.crop in ("roi", "center"), "crop must be roi or center"),
             (self.output in ("sigmoid", "tree"), "output must be sigmoid or tree"),
@@ -133,24 +163,48 @@ class Config:
             (self.schedule in ("onecycle", "cosine", "constant"), "schedule must be onecycle, cosine or constant"),
             (self.split in ("kaggle", "test", "val", "all"), "split must be kaggle, test, val or all"),
             (self.split != "all" or self.embed, "split=all writes only embeddings: add --embed"),
-            (self.similar >= 0, "similar must not be negative"),
+            (0 <= self.similar <= MAX_SIMILAR, f"similar must lie in 0..{MAX_SIMILAR} (one row of thumbnails)"),
             (self.scale > 0, "scale must be positive, e.g. --scale=0.1"),
-            (self.image_size >= 16, "image_size must be at least 16"),
+            (MIN_IMAGE_SIZE <= self.image_size <= FRAME_SIDE,
+             f"image_size must lie in {MIN_IMAGE_SIZE}..{FRAME_SIDE}: below {MIN_IMAGE_SIZE} the network's "
+             f"convolutions and poolings leave no pixel, above {FRAME_SIDE} it exceeds Kaggle's images"),
+            (MIN_CENTER_CROP <= self.center_crop_size <= FRAME_SIDE,
+             f"center_crop_size must lie in {MIN_CENTER_CROP}..{FRAME_SIDE} (pixels of Kaggle's {FRAME_SIDE}-px "
+             f"frame), e.g. --center_crop_size=212"),
+            (self.roi_min_size >= 1, "roi_min_size must be at least 1 (raw pixels), e.g. --roi_min_size=48"),
+            (self.roi_pad >= 0, "roi_pad must not be negative"),
+            (0 < self.roi_threshold < 1, "roi_threshold must lie in (0, 1)"),
             (self.batch_size > 0, "batch_size must be a positive integer, e.g. --batch_size=64"),
             (self.epochs > 0, "epochs must be a positive integer"),
+            (self.max_steps >= 0, "max_steps must not be negative (0 = no limit)"),
             (self.lr > 0, "lr must be positive, e.g. --lr=1e-3"),
             (self.weight_decay >= 0, "weight_decay must not be negative"),
             (0 <= self.dropout < 1, "dropout must lie in [0, 1)"),
             (0 <= self.ema < 1, "ema must lie in [0, 1), e.g. --ema=0.998 (0 = off)"),
-            (self.workers >= 1, "workers must be at least 1"),
+            (0 <= self.aug_rotate <= 180, "aug_rotate must lie in [0, 180] degrees (0 = off)"),
+            (0 <= self.aug_shift < 1, "aug_shift must lie in [0, 1), a fraction of the image side (0 = off)"),
+            (0 <= self.aug_zoom < 1, "aug_zoom must lie in [0, 1): 1 or more would zoom by 0 or less (0 = off)"),
+            (0 <= self.aug_brightness <= 1, "aug_brightness must lie in [0, 1]: more would make negative pixels "
+                                            "(0 = off)"),
+            (0 <= self.seed <= MAX_SEED and 0 <= self.split_seed <= MAX_SEED,
+             f"seed and split_seed must lie in 0..{MAX_SEED}"),
+            (self.demo_train >= 0 and self.demo_test >= 0, "demo_train and demo_test must not be negative"),
             (self.members >= 1, "members must be at least 1"),
             (self.members_at_once >= 1, "members_at_once must be at least 1"),
+            (self.workers >= 1, "workers must be at least 1"),
+            (self.threads >= 0, "threads must not be negative (0 = torch's default)"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1,
              "val_fraction + test_fraction must be below 1"),
-            (self.roi_pad >= 0, "roi_pad must not be negative"),
-            (0 < self.roi_threshold < 1, "roi_threshold must lie in (0, 1)"),
         ]
+        if this_machine:
+            bound, cores = max_workers(), cpu_count()
+            here = f"at most {bound} on this machine ({cores} cores; 4 per core, up to 64)"
+            checks += [
+                (self.workers <= bound, f"workers must be {here}, e.g. --workers={cores}"),
+                (self.threads <= bound, f"threads must be {here}, e.g. --threads=0 (torch's default)"),
+                (self.members_at_once <= bound, f"members_at_once must be {here}: each is a whole train.py"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"impossible config: {message}")

@@ -4,6 +4,7 @@ batch augmentation.
 """
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+import hashlib
 import math
 import os
 import re
@@ -167,15 +168,30 @@ def read_png(path, image_size=None):
     return np.asarray(image)
 
 
+def png_stamp(folder):
+    """A digest of each PNG's name, size, modification time and inode in folder: it changes when a
+    PNG is added, removed, replaced or rewritten in place (the folder's own mtime misses the last).
+    A stat per file (17 ms for 5,000 files here), against seconds to decode the PNGs again."""
+    digest = hashlib.blake2b(digest_size=16)
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        if entry.name.endswith(".png"):
+            try:
+                info = entry.stat()
+            except OSError:   # gone meanwhile: its absence is a change too
+                continue
+            digest.update(f"{entry.name} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n".encode())
+    return digest.hexdigest()
+
+
 def load_images(folder, galaxy_ids, image_size, workers=1):
     """uint8 tensor (N, 3, S, S) of folder/<id>.png for each id, decoded once and cached.
 
-    The cache (folder/../<name>_images.pt) is reused while the folder is unchanged; renaming
-    a PNG into the folder changes its mtime, which invalidates the cache.
+    The cache (folder/../<name>_images.pt) is reused while the folder's PNGs are unchanged
+    (png_stamp): a PNG added, removed or rewritten, even in place, invalidates it.
     """
     galaxy_ids = np.asarray(galaxy_ids, np.int64)
     cache = os.path.join(os.path.dirname(os.path.abspath(folder)), f"{os.path.basename(folder)}_images.pt")
-    stamp = os.stat(folder).st_mtime_ns
+    stamp = png_stamp(folder)
     if os.path.isfile(cache):
         try:
             cached = torch.load(cache, weights_only=True)

@@ -12,7 +12,7 @@ Shapes at 64x64 input (each conv has stride 1 and padding 1, each pool halves):
 import torch
 import torch.nn as nn
 
-from config import Config, get_config, script_keys
+from config import MIN_IMAGE_SIZE, Config, get_config, script_keys
 from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS
 
 
@@ -25,12 +25,23 @@ def conv_block(in_channels, out_channels, kernel_size):
     )
 
 
+KERNEL_SIZES = (9, 5, 3, 1)   # of the four conv blocks; each conv has stride 1 and padding 1, each pool halves
+
+
+def feature_side(image_size):
+    """Side of the last block's output for a square input of this side; 0 if a conv or pool on the
+    way would leave no pixel (torch's "Output size is too small")."""
+    side = image_size
+    for kernel_size in KERNEL_SIZES:
+        side = (side + 2 - kernel_size + 1) // 2
+        if side < 1:
+            return 0
+    return side
+
+
 def flat_features(image_size):
     """Length of the flattened feature vector for a square input of this side."""
-    side = image_size
-    for kernel_size in (9, 5, 3, 1):
-        side = (side + 2 - kernel_size + 1) // 2
-    return 512 * side * side
+    return 512 * feature_side(image_size) ** 2
 
 
 class DecisionTreeHead(nn.Module):
@@ -66,17 +77,18 @@ class DecisionTreeHead(nn.Module):
 class GalaxyCNN(nn.Module):
     def __init__(self, image_size=64, output="sigmoid", dropout=0.5):
         super().__init__()
+        if feature_side(image_size) < 1:   # config.MIN_IMAGE_SIZE says the same before any model is built
+            raise ValueError(f"image_size {image_size} is too small for the network: its convolutions and "
+                             f"poolings leave no pixel below {MIN_IMAGE_SIZE}")
+        channels = (3, 64, 128, 256, 512)
         self.features = nn.Sequential(
-            conv_block(3, 64, 9),
-            conv_block(64, 128, 5),
-            conv_block(128, 256, 3),
-            conv_block(256, 512, 1),
+            *(conv_block(channels[i], channels[i + 1], k) for i, k in enumerate(KERNEL_SIZES)),
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(flat_features(image_size), 1024), nn.Dropout(dropout), nn.ReLU(inplace=True),
             nn.Linear(1024, 2048), nn.Dropout(dropout), nn.ReLU(inplace=True),
-            nn.Linear(2048, NUM_OUTPUTS),  # the seed's diagram says 128 inputs; the layer before gives 2048
+            nn.Linear(2048, NUM_OUTPUTS),  # the original design's diagram says 128 inputs; the layer before gives 2048
         )
         self.head = nn.Sigmoid() if output == "sigmoid" else DecisionTreeHead()
 

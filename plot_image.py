@@ -29,10 +29,10 @@ from galaxy import kaggle_raw, labels
 from galaxy.checkpoints import CheckpointError
 from galaxy.crop import BadImage, crop_galaxy, crop_settings_mismatch, read_image
 from galaxy.ensemble import inference_numerics, load_members, predict_batch, resolve_checkpoints
-from galaxy.files import atomic_write, writable_folder
+from galaxy.files import atomic_write, file_text, writable_folder
 from galaxy.inference import rmse
 from galaxy.numerics import resolve_device
-from galaxy.similar import nearest, read_embeddings
+from galaxy.similar import check_source, embedding_source, nearest, read_embeddings
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -137,19 +137,36 @@ def thumbnail(cfg, name):
         return None
 
 
-def similar_galaxies(cfg, name, features):
+def similar_galaxies(cfg, name, features, source=None):
     """[(name, cosine similarity, thumbnail or None, true Q1 answer or "")] of the cfg.similar
-    galaxies nearest to name in cfg.embeddings, the query itself left out. The query's embedding is
-    the one stored there when there is one, else features (computed with --checkpoint)."""
+    galaxies nearest to name in cfg.embeddings, the query itself and embeddings that are not finite
+    left out. The query's embedding is the one stored there when there is one, else features
+    (computed with --checkpoint). source (galaxy.similar.embedding_source of --checkpoint's first
+    member) must be the model that made the embeddings: another model's features are another space."""
     embeddings, ids = read_embeddings(cfg.embeddings)
     names = [os.path.normpath(i) for i in ids["id"]]
     own_rows = [row for row, other in enumerate(names) if other == os.path.normpath(str(name))]
+    if source is not None:
+        check_source(cfg.embeddings, source, with_tta=not own_rows)   # tta matters only to a computed query
     if own_rows:
         features = np.asarray(embeddings[own_rows[0]], np.float32)
     elif features is None:
         raise DataError(f"{name} has no embedding in {cfg.embeddings}; pass --checkpoint=... to compute it "
                         f"(or write it with predict.py --embed)")
-    rows, similarities = nearest(embeddings, features, cfg.similar, exclude=own_rows, norms=ids["norm"].to_numpy())
+    remake = (f"write them again with `python predict.py --checkpoint=... --split=all --embed "
+              f"--out_dir={cfg.embeddings}`")
+    if np.shape(features)[-1] != embeddings.shape[1]:
+        raise DataError(f"{name} has {np.shape(features)[-1]} features, the embeddings in {cfg.embeddings} "
+                        f"{embeddings.shape[1]}: they come from another model; {remake}")
+    if not np.isfinite(features).all():
+        where = f"stored in {cfg.embeddings}" if own_rows else "computed with --checkpoint"
+        raise DataError(f"the embedding of {name} {where} holds NaN or inf, so nothing is similar to it; {remake}")
+    left_out = []
+    rows, similarities = nearest(embeddings, features, cfg.similar, exclude=own_rows, norms=ids["norm"].to_numpy(),
+                                 left_out=left_out)
+    if left_out:
+        print(f"left out {len(left_out)} of the {len(ids)} embeddings in {cfg.embeddings} that are not finite "
+              f"(NaN or inf), e.g. {', '.join(ids['id'][row] for row in left_out[:5])}; {remake}")
     labels = {}
     if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")):
         label_ids, vote_fractions = read_labels(cfg.processed_dir)
@@ -251,7 +268,8 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted
         legend_ax.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=11,
                          title="vote fraction")
 
-    title = f"Galaxy {galaxy_id} ({SPLIT_NAMES[galaxy['split']]})"
+    name = file_text(galaxy_id).replace("$", r"\$")   # any file name: bytes that are not UTF-8, mathtext's $
+    title = f"Galaxy {name} ({SPLIT_NAMES[galaxy['split']]})"
     if predicted_std is not None:
         title += " [error bars: spread over members x views]"
     if true_values is not None and predicted_values is not None:
@@ -303,7 +321,8 @@ def main():
             if not cfg.embeddings:
                 raise DataError("--similar needs --embeddings=<folder with embeddings.npy>, written by "
                                 "`python predict.py --split=all --embed`")
-            neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features)
+            source = embedding_source(members[0], cfg.tta) if members else None
+            neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features, source)
         fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
         os.makedirs(cfg.out_dir, exist_ok=True)
         stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
@@ -311,7 +330,7 @@ def main():
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))   # a full disk: DataError
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
-    print(f"wrote {path}")
+    print(f"wrote {file_text(path)}")
     if cfg.show:
         plt.show()
 

@@ -1,4 +1,4 @@
-"""Predict Galaxy Zoo vote fractions with one trained checkpoint or an ensemble of them.
+r"""Predict Galaxy Zoo vote fractions with one trained checkpoint or an ensemble of them.
 
     python predict.py --checkpoint=runs/best.pt             # Kaggle's test set -> runs/submission.csv
     python predict.py --checkpoint=runs/best.pt --tta       # mean over the 8 rotations/flips
@@ -13,8 +13,22 @@ their spread, the standard deviation over members x views, goes to *_std.csv bes
 predictions. Each member sees the crop it was trained on: from processed_dir's PNGs when
 preprocess.py made them with its settings, else cropped from the raw JPEGs (zip or folder) in
 raw_dir. Unreadable images are listed in *_skipped.csv, never fatal; in Kaggle's submission
-they get the training split's mean vote fractions, as Kaggle wants a row for each.
+they get the training split's mean vote fractions, as Kaggle wants a row for each. With --images,
+every path the folder or glob names is in predictions.csv or, with its reason, in
+predictions_skipped.csv (a symlink loop, a dangling link, a FIFO or other special file, an
+unreadable image); folders and, in a folder, hidden files are left out.
+
+A run's files are one set, swapped in together once all are written: submission.csv with its
+_std and _skipped files, predictions.csv with its own, eval_<split>.* with spread_<split>.*. A
+file of the set that this run does not make (no spread, nothing skipped) is removed, so nothing
+of an earlier run stays beside the new files. A failed write changes nothing there and keeps the
+finished predictions in <name>_rescued.npz. A member giving NaN or inf stops the run, named.
+
+File names are written as they are, except that a control character (\r, \n, \t...) or a byte
+that is not UTF-8 is written \xHH and a backslash \\: b"\xff\xfebad.jpg" reads \xff\xfebad.jpg.
+galaxy.files.file_path(name) turns a name read back into the path (os.fsencode of it, the bytes).
 """
+import errno
 import glob
 import os
 import sys
@@ -26,12 +40,15 @@ from config import get_config, script_keys
 from dataset import LABEL_COLUMNS, DataError, read_labels, read_split, vote_summary
 from galaxy import kaggle_raw
 from galaxy.checkpoints import CheckpointError
-from galaxy.ensemble import (crop_sources, describe_members, galaxy_tasks, load_members, predict_ensemble,
-                             resolve_checkpoints)
+from galaxy.ensemble import (crop_sources, describe_members, file_kind, galaxy_tasks, load_members, predict_ensemble,
+                             resolve_checkpoints, save_embeddings)
 from galaxy.evaluate import evaluate_split
-from galaxy.files import atomic_write, lock_folder, writable_folder
+from galaxy.files import csv_writer, file_text, lock_folder, writable_folder, write_file_set
 from galaxy.numerics import resolve_device
-from galaxy.similar import write_embeddings
+
+# each output set, its main file first (galaxy.files.write_file_set)
+SUBMISSION_FILES = ("submission.csv", "submission_std.csv", "submission_skipped.csv")
+IMAGE_FILES = ("predictions.csv", "predictions_std.csv", "predictions_skipped.csv")
 
 # --- where the images come from ----------------------------------------------------------------
 
@@ -45,13 +62,21 @@ def preprocess_skipped(processed_dir):
     return list(zip(table["galaxy_id"], "preprocess.py: " + table["reason"]))
 
 
-def write_submission(path, galaxy_ids, predictions):
+def write_set(out_dir, files, names, rescue, written):
+    """write_file_set into out_dir, saying which files of an earlier run it removed; the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths, removed = write_file_set(out_dir, files, names, rescue, written)
+    for path in removed:
+        print(f"removed {file_text(path)}: an earlier run's, it does not belong with these outputs")
+    return paths
+
+
+def submission_table(galaxy_ids, predictions):
     """Kaggle's format: GalaxyID, Class1.1 ... Class11.6, one row per galaxy, sorted by ID (also the
     format of submission_std.csv, the spread)."""
     table = pd.DataFrame(np.clip(predictions, 0, 1), columns=LABEL_COLUMNS)
     table.insert(0, "GalaxyID", galaxy_ids)
-    table = table.sort_values("GalaxyID")
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return table.sort_values("GalaxyID")
 
 
 def fallback_prediction(train_mean, processed_dir):
@@ -80,12 +105,10 @@ def fill_skipped(galaxy_ids, predictions, skipped, fallback):
 
 
 def report_skipped(skipped, filled, path):
-    """One line with the count and the first IDs; the full list goes to path."""
+    """One line with the count and the first IDs; the full list is in path."""
     if not skipped:
         return
-    table = pd.DataFrame(skipped, columns=["GalaxyID", "reason"])
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
-    first = ", ".join(str(gid) for gid, _ in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+    first = ", ".join(file_text(gid) for gid, _ in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
     fate = (f"{filled} of them get the training mean in the submission" if filled
             else "no row in the submission")
     print(f"skipped {len(skipped)} unreadable test images ({fate}): {first}; see {path}")
@@ -97,7 +120,7 @@ def mean_fallback(members, processed_dir):
     return np.mean(fallbacks, axis=0) if fallbacks else None
 
 
-def predict_kaggle(cfg, members, groups):
+def predict_kaggle(cfg, members, groups, written):
     tasks, pngs, raw = galaxy_tasks(cfg, "test")
     use_png, sources = crop_sources(cfg, groups, pngs, raw, "test")
     print(f"predicting {len(tasks)} test galaxies with {len(members)} checkpoint(s)"
@@ -114,71 +137,116 @@ def predict_kaggle(cfg, members, groups):
     predicted_ids = np.array(result.names, np.int64)
     galaxy_ids, predictions, filled = fill_skipped(predicted_ids, result.mean, skipped,
                                                    mean_fallback(members, cfg.processed_dir))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    report_skipped(skipped, filled, os.path.join(cfg.out_dir, "submission_skipped.csv"))
-    path = os.path.join(cfg.out_dir, "submission.csv")
-    write_submission(path, galaxy_ids, predictions)
-    print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
+    main, spread, skips = SUBMISSION_FILES
+    files = {main: csv_writer(submission_table(galaxy_ids, predictions), float_format="%.6f")}
     if result.views > 1:   # the galaxies given the training mean have no spread: no row there
-        std_path = os.path.join(cfg.out_dir, "submission_std.csv")
-        write_submission(std_path, predicted_ids, result.std)
-        print(f"wrote {std_path}: the spread over {result.views} members x views")
+        files[spread] = csv_writer(submission_table(predicted_ids, result.std), float_format="%.6f")
+    if skipped:
+        files[skips] = csv_writer(pd.DataFrame([(gid if isinstance(gid, int) else file_text(gid), file_text(reason))
+                                                for gid, reason in skipped], columns=["GalaxyID", "reason"]))
+    rescue = {"GalaxyID": galaxy_ids, "mean": predictions, "std_GalaxyID": predicted_ids, "std": result.std}
+    write_set(cfg.out_dir, files, SUBMISSION_FILES, rescue, written)
+    path = os.path.join(cfg.out_dir, main)
+    report_skipped(skipped, filled, os.path.join(cfg.out_dir, skips))
+    print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
+    if spread in files:
+        print(f"wrote {os.path.join(cfg.out_dir, spread)}: the spread over {result.views} members x views")
     if cfg.embed:
-        write_embeddings(cfg.out_dir, result.names, ["kaggle_test"] * len(result.names), result.features)
+        save_embeddings(cfg.out_dir, result, ["kaggle_test"] * len(result.names), written)
 
 
 # --- any image files --------------------------------------------------------------------------------
 
+def unusable(path):
+    """Why path is skipped ("" for a regular file or a link to one; None for a folder, left out).
+
+    Checked with stat before anything opens it: a FIFO would block the reader until a writer came.
+    """
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop"
+        if os.path.islink(path) and err.errno in (errno.ENOENT, errno.ENOTDIR):
+            try:
+                return f"dangling link (to {file_text(os.readlink(path))}, which does not exist)"
+            except OSError:
+                return "dangling link"
+        return f"cannot be read: {err.strerror}"
+    if kind == "folder":
+        return None
+    return f"not a regular file ({kind})" if kind else ""
+
+
 def image_files(spec):
-    """The sorted files named by --images: a folder's files (not hidden ones), a glob's, or one file."""
+    """(files, [(path, reason)]): every path named by --images (a folder's, not hidden ones; a glob's;
+    or one file), sorted, each either a file to predict or skipped with its reason; folders are left out."""
     if os.path.isdir(spec):
-        files = [os.path.join(spec, name) for name in sorted(os.listdir(spec)) if not name.startswith(".")]
+        paths = [os.path.join(spec, name) for name in sorted(os.listdir(spec)) if not name.startswith(".")]
     elif any(char in spec for char in "*?["):
-        files = sorted(glob.glob(spec))
+        paths = sorted(glob.glob(spec))
     else:
-        files = [spec] if os.path.exists(spec) else []
-    files = [path for path in files if os.path.isfile(path)]
-    if not files:
-        raise DataError(f"--images={spec} names no file; pass a folder, a file or a quoted glob such as "
+        paths = [spec] if os.path.lexists(spec) else []
+    files, skipped = [], []
+    for path in paths:
+        reason = unusable(path)
+        if reason:
+            skipped.append((path, reason))
+        elif reason is not None:
+            files.append(path)
+    if not files and not skipped:
+        raise DataError(f"--images={file_text(spec)} names no file; pass a folder, a file or a quoted glob such as "
                         f"--images='galaxies/*.jpg'")
-    return files
+    return files, skipped
 
 
-def predict_images(cfg, members, groups):
+def image_table(names, values, summary):
+    """file, the 37 columns (vote fractions or their spread), and with summary the answers in words."""
+    table = pd.DataFrame(np.clip(values, 0, 1), columns=LABEL_COLUMNS)
+    table.insert(0, "file", [file_text(name) for name in names])
+    if summary:
+        table["summary"] = [vote_summary(row) for row in values]
+    return table
+
+
+def predict_images(cfg, members, groups, written):
     """--images: predictions.csv (file, the 37 vote fractions, a summary in words), the spread and the skips."""
-    files = image_files(cfg.images)
-    print(f"predicting {len(files)} files from {cfg.images} with {len(members)} checkpoint(s)"
+    files, special = image_files(cfg.images)
+    print(f"predicting {len(files)} files from {file_text(cfg.images)} with {len(members)} checkpoint(s)"
           f"{', each with 8-fold TTA' if cfg.tta else ''}")
     result = predict_ensemble(members, groups, [(path, {"file": path}) for path in files], cfg,
                               embed=cfg.embed, description="predict images")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if result.skipped:
-        path = os.path.join(cfg.out_dir, "predictions_skipped.csv")
-        table = pd.DataFrame(result.skipped, columns=["file", "reason"])
-        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
-        print(f"skipped {len(result.skipped)} unusable files: {', '.join(name for name, _ in result.skipped[:5])}"
-              f"{', ...' if len(result.skipped) > 5 else ''}; see {path}")
+    skipped = sorted(special + result.skipped)
+    main, spread, skips = IMAGE_FILES
+    outputs = {}
+    if result.names:
+        outputs[main] = csv_writer(image_table(result.names, result.mean, True), float_format="%.6f")
+        if result.views > 1:   # one member without TTA: no spread to write
+            outputs[spread] = csv_writer(image_table(result.names, result.std, False), float_format="%.6f")
+    if skipped:
+        outputs[skips] = csv_writer(pd.DataFrame([(file_text(name), file_text(reason)) for name, reason in skipped],
+                                                 columns=["file", "reason"]))
+    rescue = {"name": np.array([file_text(name) for name in result.names], str), "mean": result.mean,
+              "std": result.std, "skipped_name": np.array([file_text(name) for name, _ in skipped], str),
+              "skipped_reason": np.array([file_text(reason) for _, reason in skipped], str)}
+    write_set(cfg.out_dir, outputs, IMAGE_FILES, rescue, written)
+    if skipped:
+        path = os.path.join(cfg.out_dir, skips)
+        print(f"skipped {len(skipped)} unusable files: {', '.join(file_text(name) for name, _ in skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''}; see {path}")
         if not result.names:
-            raise DataError(f"none of the {len(files)} files of --images={cfg.images} could be used; "
+            raise DataError(f"none of the {len(skipped)} files of --images={file_text(cfg.images)} could be used; "
                             f"the reasons are in {path}")
-    for name, values, with_summary in (("predictions.csv", result.mean, True),
-                                       ("predictions_std.csv", result.std, False)):
-        if not with_summary and result.views == 1:
-            continue   # one member without TTA: no spread to write
-        table = pd.DataFrame(np.clip(values, 0, 1), columns=LABEL_COLUMNS)
-        table.insert(0, "file", result.names)
-        if with_summary:
-            table["summary"] = [vote_summary(row) for row in result.mean]
-        path = os.path.join(cfg.out_dir, name)
-        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-        print(f"wrote {path}: {len(table)} files")
+    for name, what in ((main, "files"), (spread, f"files: the spread over {result.views} members x views")):
+        if name in outputs:
+            print(f"wrote {os.path.join(cfg.out_dir, name)}: {len(result.names)} {what}")
     if cfg.embed:
-        write_embeddings(cfg.out_dir, result.names, ["file"] * len(result.names), result.features)
+        save_embeddings(cfg.out_dir, result, ["file"] * len(result.names), written)
 
 
 # --- every galaxy's embedding ---------------------------------------------------------------------
 
-def embed_all(cfg, members, groups):
+def embed_all(cfg, members, groups, written):
     """--split=all --embed: the features of every labelled galaxy (marked with its split in the first
     member's split.csv, "labelled" without one) and of Kaggle's test set; no predictions are written."""
     labelled_ids = read_labels(cfg.processed_dir)[0] if os.path.isfile(os.path.join(cfg.processed_dir, "labels.csv")) \
@@ -197,11 +265,20 @@ def embed_all(cfg, members, groups):
     sources = ["kaggle_test" if gid in test_ids else split_of.get(gid, "labelled") for gid in result.names]
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable images, e.g. {result.skipped[0][0]}: {result.skipped[0][1]}")
-    write_embeddings(cfg.out_dir, result.names, sources, result.features)
+    save_embeddings(cfg.out_dir, result, sources, written)
+
+
+def written_note(written, message):
+    """What a run that stopped early had already written whole (the paths the message does not name)."""
+    others = [file_text(path) for path in written if file_text(path) not in message]
+    return f" (written before it stopped: {', '.join(others)})" if others else ""
 
 
 def main():
     cfg = get_config(doc=__doc__, keys=script_keys("predict"))
+    if hasattr(sys.stdout, "reconfigure"):   # a path that is not UTF-8 in a message must not end the run
+        sys.stdout.reconfigure(errors="backslashreplace")
+    written = []   # each output once it is whole: what an error or Ctrl-C leaves is said exactly
     try:
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
         # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there
@@ -209,17 +286,18 @@ def main():
             paths = resolve_checkpoints(cfg.checkpoint, cfg.out_dir)
             members, groups = load_members(paths, resolve_device(cfg.device))
             if cfg.images:
-                predict_images(cfg, members, groups)
+                predict_images(cfg, members, groups, written)
             elif cfg.split == "kaggle":
-                predict_kaggle(cfg, members, groups)
+                predict_kaggle(cfg, members, groups, written)
             elif cfg.split == "all":
-                embed_all(cfg, members, groups)
+                embed_all(cfg, members, groups, written)
             else:
-                evaluate_split(cfg, members, groups)
+                evaluate_split(cfg, members, groups, written)
     except (DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: nothing written")  # every output is written whole or not at all
+        sys.exit(f"error: {err}{written_note(written, str(err))}")
+    except KeyboardInterrupt:   # every output set is swapped in whole or not at all: written says which
+        sys.exit(f"interrupted after writing {', '.join(file_text(path) for path in written)}; nothing else written"
+                 if written else "interrupted: nothing written")
 
 
 if __name__ == "__main__":

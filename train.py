@@ -14,8 +14,12 @@ Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv i
 loss.png, at most every 10 s and after the last epoch), best.pt is saved when val RMSE improves
 (every epoch when there is no val split, as with --train_on_val), then last.pt.
 Ctrl-C or SIGTERM saves last.pt (mid-epoch) and exits; --resume continues exactly there.
+A non-finite loss (a learning rate too high for the data) stops the run with an error and exit
+code 1; last.pt keeps the state from before it, and no checkpoint of non-finite weights is written.
 A run holds out_dir/.lock: a second run into the same out_dir stops at once.
 """
+import contextlib
+from dataclasses import dataclass, field
 import math
 import os
 import signal
@@ -27,11 +31,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import answer_help, build_config, parse_overrides, script_keys
+from config import Config, answer_help, build_config, parse_overrides, script_keys
 from dataset import DataError, load_training_set, rows_of, split_for_run
 from galaxy.checkpoints import CheckpointError, load_state, read_checkpoint
 from galaxy.inference import predict, rmse
 from galaxy.numerics import choose_numerics, numerics_name, resolve_device
+from galaxy.recipes import run_recipe
 from galaxy.runs import (checkpoint_state, claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete,
                          save_checkpoints, train_members, write_metrics)
 from galaxy.training import average_of, epoch_order, make_optimizer, next_batch, train_step, update_average
@@ -54,164 +59,106 @@ def request_stop(signum, frame):
         raise KeyboardInterrupt
 
 
+class Diverged(Exception):
+    """A non-finite loss, weight or val RMSE: every rank stops at once and nothing more is saved."""
+
+
+@dataclass
+class Data:
+    """The split's tensors: the training set on the device (a batch is then one gather, no loader
+    workers), val and test on the CPU, and the train split's mean vote fractions."""
+    train_images: torch.Tensor
+    train_targets: torch.Tensor
+    val_images: torch.Tensor
+    val_targets: torch.Tensor
+    test_images: torch.Tensor
+    test_targets: torch.Tensor
+    train_mean: torch.Tensor   # the baseline prediction, and predict.py's answer for an unreadable image
+    baseline_val_rmse: float
+    has_val: bool              # none with --train_on_val or val_fraction=0: best.pt is then the last epoch
+
+
+@dataclass
+class Run:
+    """What the loop steps, validates and saves; progress holds the counters and history last.pt records."""
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module       # what trains: raw_model, or its DistributedDataParallel wrapper
+    raw_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    aug_generator: torch.Generator
+    numerics: dict               # {"amp", "channels_last"}
+    steps_per_epoch: int
+    train_mean: torch.Tensor
+    averaged_model: torch.nn.Module = None   # --ema
+    progress: dict = field(default_factory=lambda: {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
+                                                    "epoch_loss_sum": 0.0, "best_val_rmse": math.inf, "history": []})
+    saved_step: int = None       # global_step of the last.pt this run wrote or resumed from
+    plotted_at: float = -math.inf
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def eval_model(self):   # what val RMSE measures and best.pt predicts with
+        return self.averaged_model if self.averaged_model is not None else self.raw_model
+
+
 # --- set-up --------------------------------------------------------------------------
 
 def setup_distributed(cfg):
     """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, resolve_device(cfg.device)
     device = resolve_device(cfg.device)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# --- the loop --------------------------------------------------------------------------
-
-def train(cfg, checkpoint, init_weights=None):
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    rank, world_size, device = setup_distributed(cfg)
-    is_main = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
+def load_splits(cfg, device, is_main, world_size):
+    """The labelled set cut into the run's train, val and test splits (out_dir/split.csv)."""
     galaxy_ids, images, vote_fractions = load_training_set(cfg)
     split = split_for_run(cfg, galaxy_ids, write=is_main)
-    train_rows, val_rows = rows_of(galaxy_ids, split["train"]), rows_of(galaxy_ids, split["val"])
-    has_val = len(val_rows) > 0   # none with --train_on_val or val_fraction=0: best.pt is then the last epoch
+    train_rows, val_rows, test_rows = (rows_of(galaxy_ids, split[name]) for name in ("train", "val", "test"))
     if len(train_rows) < cfg.batch_size * world_size:
         raise DataError(f"only {len(train_rows)} training galaxies for batch_size={cfg.batch_size} "
                         f"x {world_size} processes; use a smaller --batch_size or more data")
-    # the whole uint8 set lives on the device: a batch is then one gather, no loader workers
-    train_images, train_targets = images[train_rows].to(device), vote_fractions[train_rows].to(device)
-    val_images, val_targets = images[val_rows], vote_fractions[val_rows]
-    test_rows = rows_of(galaxy_ids, split["test"])
-    test_images, test_targets = images[test_rows], vote_fractions[test_rows]
-    del images   # the splits are copies: the whole set (0.76 GB at Kaggle's size) need not stay beside them
-    mean_prediction = vote_fractions[train_rows].mean(0)
-    baseline_val_rmse = rmse(mean_prediction.expand_as(val_targets), val_targets) if has_val else float("nan")
+    train_mean, val_targets = vote_fractions[train_rows].mean(0), vote_fractions[val_rows]
+    # the splits are copies: the whole set (0.76 GB at Kaggle's size) goes when this returns
+    return Data(train_images=images[train_rows].to(device), train_targets=vote_fractions[train_rows].to(device),
+                val_images=images[val_rows], val_targets=val_targets,
+                test_images=images[test_rows], test_targets=vote_fractions[test_rows], train_mean=train_mean,
+                baseline_val_rmse=rmse(train_mean.expand_as(val_targets), val_targets) if len(val_rows) else math.nan,
+                has_val=len(val_rows) > 0)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(device)
-    numerics = run_numerics(cfg, checkpoint, model, device, is_main, world_size)
+
+def build_training(cfg, checkpoint, init_weights, data, rank, world_size, device):
+    """The model (the same initial weights on every rank), its numerics, optimizer, lr schedule, weight
+    average and random streams; with --init_from, its weights."""
+    torch.manual_seed(cfg.seed)
+    raw_model = build_model(cfg).to(device)
+    numerics = run_numerics(cfg, checkpoint, raw_model, device, rank == 0, world_size)
     if numerics["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(train_rows) // world_size // cfg.batch_size
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = raw_model if world_size == 1 else DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps_per_epoch = len(data.train_targets) // world_size // cfg.batch_size
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch, checkpoint)
     aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
-
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0,
-                "best_val_rmse": math.inf, "history": []}
-    if checkpoint is not None:
-        load_state(raw_model, checkpoint.get("trained_model", checkpoint["model"]),
-                   os.path.join(cfg.out_dir, "last.pt"))
-        progress = {key: checkpoint[key] for key in progress}
-        rng = checkpoint["rng"]
-        if world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
-            torch.set_rng_state(rng["torch"])
-            aug_generator.set_state(rng["augment"])
-            if device.type == "cuda" and len(rng["cuda"]):
-                torch.cuda.set_rng_state(rng["cuda"], device)
-        if is_main:
-            print(f"resumed from {cfg.out_dir}/last.pt at epoch {progress['epoch'] + 1}, "
-                  f"step {progress['step_in_epoch']} | epochs {cfg.epochs}, lr {cfg.lr:g} "
-                  f"(lr now {scheduler.get_last_lr()[0]:.2e})")
-    elif init_weights is not None:
+    if init_weights is not None:
         load_state(raw_model, init_weights, cfg.init_from)
-        if is_main:
+        if rank == 0:
             print(f"weights from {cfg.init_from}; fresh optimizer and lr schedule from epoch 1")
-    averaged_model = average_of(raw_model) if cfg.ema else None
-    if averaged_model is not None and checkpoint is not None:
-        load_state(averaged_model, checkpoint["model"], os.path.join(cfg.out_dir, "last.pt"))
-    eval_model = averaged_model if averaged_model is not None else raw_model   # what val RMSE measures
-
-    if is_main:
-        print(f"{len(galaxy_ids)} galaxies: {len(split['train'])} train, {len(split['val'])} val, "
-              f"{len(split['test'])} test | device {device} x {world_size} | output {cfg.output} | " +
-              (f"mean-prediction val RMSE {baseline_val_rmse:.4f}" if has_val else
-               "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
-
-    def save(*names):
-        """Rank 0 writes the current state under each name in out_dir, in that order (one file, linked)."""
-        if is_main:
-            state = checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device,
-                                     mean_prediction, numerics, averaged_model)
-            try:
-                save_checkpoints([os.path.join(cfg.out_dir, name) for name in names], state)
-            except DataError as err:   # a full disk: the checkpoints on disk are still whole
-                if not os.path.isfile(os.path.join(cfg.out_dir, "last.pt")):
-                    raise   # nothing to resume: the same command starts the run again
-                raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
-
-    model.train()
-    plotted_at = -math.inf
-    while progress["epoch"] < cfg.epochs:
-        epoch = progress["epoch"]
-        order = epoch_order(len(train_rows), cfg.seed, epoch, rank, world_size)
-        bar = tqdm(total=steps_per_epoch * cfg.batch_size, initial=progress["step_in_epoch"] * cfg.batch_size,
-                   unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=True)
-        started = time.time()
-        for step in range(progress["step_in_epoch"], steps_per_epoch):
-            batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            batch, targets = next_batch(train_images, train_targets, batch_rows, cfg, device, aug_generator,
-                                        numerics["channels_last"])
-            loss = train_step(model, optimizer, scheduler, batch, targets, numerics["amp"], device)
-            progress["step_in_epoch"] = step + 1
-            progress["global_step"] += 1
-            if averaged_model is not None:
-                update_average(averaged_model, raw_model, cfg.ema, progress["global_step"])
-            loss = loss.item()  # one device sync per step
-            progress["epoch_loss_sum"] += loss
-            bar.update(cfg.batch_size)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if stop_requested(world_size) or progress["global_step"] == cfg.max_steps:
-                bar.close()
-                save("last.pt")
-                if is_main:
-                    why = f"signal {STOP_SIGNAL}" if STOP_SIGNAL else f"max_steps={cfg.max_steps}"
-                    print(f"stopped by {why}; saved {cfg.out_dir}/last.pt (resume with --resume)")
-                return 128 + STOP_SIGNAL if STOP_SIGNAL else 0
-        bar.close()
-
-        train_loss = progress["epoch_loss_sum"] / steps_per_epoch
-        val_rmse = rmse(predict(eval_model, val_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
-                        val_targets) if has_val else float("nan")
-        seconds = time.time() - started
-        progress["history"].append({
-            "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
-            "val_rmse": val_rmse, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
-            "img_per_s": round(steps_per_epoch * cfg.batch_size * world_size / seconds, 1),
-            "numerics": numerics_name(numerics["amp"], numerics["channels_last"])})
-        progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
-        improved = val_rmse < progress["best_val_rmse"] or not has_val  # no val: best = last
-        if improved:
-            progress["best_val_rmse"] = val_rmse
-        if is_main:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | " +
-                  (f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {baseline_val_rmse:.5f}"
-                   if has_val else "no val split: best.pt is this epoch"))
-            # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
-            # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
-            save(*(["best.pt", "last.pt"] if improved else ["last.pt"]))
-            plot = progress["epoch"] == cfg.epochs or time.monotonic() - plotted_at >= PLOT_EVERY_S
-            write_metrics(progress["history"], cfg.out_dir, baseline_val_rmse, plot)
-            plotted_at = time.monotonic() if plot else plotted_at
-        if stop_requested(world_size):  # the signal came during the epoch's end: last.pt is saved
-            if is_main:
-                print(f"stopped by signal {STOP_SIGNAL}; saved {cfg.out_dir}/last.pt (resume with --resume)")
-            return 128 + STOP_SIGNAL
-
-    if is_main:
-        report_test(cfg, test_images, test_targets, mean_prediction, device, numerics)
-    return 0
+    return Run(cfg, rank, world_size, device, model, raw_model, optimizer, scheduler, aug_generator, numerics,
+               steps_per_epoch, data.train_mean, averaged_model=average_of(raw_model) if cfg.ema else None)
 
 
 def run_numerics(cfg, checkpoint, model, device, is_main, world_size):
@@ -229,26 +176,182 @@ def run_numerics(cfg, checkpoint, model, device, is_main, world_size):
     return {"amp": amp, "channels_last": channels_last}
 
 
-def stop_requested(world_size):
-    """True on every rank as soon as any rank got SIGINT/SIGTERM, so all stop at the same step."""
-    if world_size == 1:
-        return STOP_SIGNAL is not None
-    flag = torch.tensor([1.0 if STOP_SIGNAL else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+def restore_progress(run, checkpoint):
+    """--resume: last.pt's weights, counters, history and (on one process) random streams, exactly."""
+    if checkpoint is None:
+        return
+    last = os.path.join(run.cfg.out_dir, "last.pt")
+    load_state(run.raw_model, checkpoint.get("trained_model", checkpoint["model"]), last)
+    if run.averaged_model is not None:
+        load_state(run.averaged_model, checkpoint["model"], last)
+    run.progress = {key: checkpoint[key] for key in run.progress}
+    run.saved_step = checkpoint["global_step"]
+    rng = checkpoint["rng"]
+    if run.world_size == 1:  # per-rank RNG streams are not saved; DDP resumes with fresh ones
+        torch.set_rng_state(rng["torch"])
+        run.aug_generator.set_state(rng["augment"])
+        if run.device.type == "cuda" and len(rng["cuda"]):
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
+    if run.is_main:
+        print(f"resumed from {last} at epoch {run.progress['epoch'] + 1}, step {run.progress['step_in_epoch']} | "
+              f"epochs {run.cfg.epochs}, lr {run.cfg.lr:g} (lr now {run.scheduler.get_last_lr()[0]:.2e})")
 
 
-def report_test(cfg, test_images, targets, mean_prediction, device, numerics):
+# --- the loop --------------------------------------------------------------------------
+
+def train(cfg, checkpoint, init_weights=None):
+    """Train to cfg.epochs (or a stop); returns the exit code."""
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    rank, world_size, device = setup_distributed(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_splits(cfg, device, rank == 0, world_size)
+    run = build_training(cfg, checkpoint, init_weights, data, rank, world_size, device)
+    restore_progress(run, checkpoint)
+    if run.is_main:
+        counts = [len(targets) for targets in (data.train_targets, data.val_targets, data.test_targets)]
+        print(f"{sum(counts)} galaxies: {counts[0]} train, {counts[1]} val, {counts[2]} test | device {device} "
+              f"x {world_size} | output {cfg.output} | " +
+              (f"mean-prediction val RMSE {data.baseline_val_rmse:.4f}" if data.has_val else
+               "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
+    run.model.train()
+    try:
+        while run.progress["epoch"] < cfg.epochs:
+            started = time.time()
+            stop = run_epoch(run, data) or end_epoch(run, data, started)
+            if stop:
+                return stop_early(run, stop)
+    except Diverged as err:   # on every rank at once, before any save of what diverged
+        if run.is_main:
+            kept = (f"{cfg.out_dir}/last.pt is kept from step {run.saved_step}, before the divergence (--resume "
+                    f"--lr=<lower> goes on from it)" if run.saved_step is not None else "nothing of this run was saved")
+            print(f"error: {err}: the learning rate is probably too high for this data: try a lower --lr; {kept}",
+                  file=sys.stderr)
+        if world_size > 1:
+            dist.barrier()   # the others wait for rank 0's line: torchrun ends every process once one exits
+        return 1
+    if run.is_main:
+        report_test(cfg, data, device, run.numerics)
+    return 0
+
+
+def run_epoch(run, data):
+    """Train from the run's place in its epoch to the epoch's end (None), or until a stop: "signal"
+    (SIGINT/SIGTERM on any rank) or "max_steps". A non-finite loss on any rank raises Diverged."""
+    cfg, progress = run.cfg, run.progress
+    order = epoch_order(len(data.train_targets), cfg.seed, progress["epoch"], run.rank, run.world_size)
+    bar = tqdm(total=run.steps_per_epoch * cfg.batch_size, initial=progress["step_in_epoch"] * cfg.batch_size,
+               unit="img", desc=f"epoch {progress['epoch'] + 1}/{cfg.epochs}", disable=not run.is_main, leave=True)
+    with bar:
+        for step in range(progress["step_in_epoch"], run.steps_per_epoch):
+            batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(run.device)
+            batch, targets = next_batch(data.train_images, data.train_targets, batch_rows, cfg, run.device,
+                                        run.aug_generator, run.numerics["channels_last"])
+            loss = train_step(run.model, run.optimizer, run.scheduler, batch, targets, run.numerics["amp"], run.device)
+            progress["step_in_epoch"] = step + 1
+            progress["global_step"] += 1
+            if run.averaged_model is not None:
+                update_average(run.averaged_model, run.raw_model, cfg.ema, progress["global_step"])
+            loss = loss.item()  # one device sync per step
+            progress["epoch_loss_sum"] += loss
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            signalled, diverged = on_any_rank(run, STOP_SIGNAL is not None, not math.isfinite(loss))
+            if diverged:
+                raise Diverged(f"the training loss is {loss if not math.isfinite(loss) else 'not finite'} at step "
+                               f"{progress['global_step']} (epoch {progress['epoch'] + 1}, batch {step + 1} of "
+                               f"{run.steps_per_epoch})")
+            if signalled or progress["global_step"] == cfg.max_steps:
+                return "signal" if signalled else "max_steps"
+
+
+def end_epoch(run, data, started):
+    """Validate, record the epoch, save best.pt (when val RMSE improves, or every epoch without val)
+    and last.pt, rewrite metrics.csv. Returns "signal" if SIGINT/SIGTERM came meanwhile, else None."""
+    cfg, progress, numerics = run.cfg, run.progress, run.numerics
+    epoch = progress["epoch"]
+    train_loss = progress["epoch_loss_sum"] / run.steps_per_epoch
+    val_rmse = rmse(predict(run.eval_model, data.val_images, 2 * cfg.batch_size, numerics["amp"],
+                            numerics["channels_last"]), data.val_targets) if data.has_val else math.nan
+    if on_any_rank(run, data.has_val and not math.isfinite(val_rmse))[0]:
+        raise Diverged(f"the validation RMSE is not finite after epoch {epoch + 1} (step {progress['global_step']})")
+    seconds = time.time() - started
+    progress["history"].append({
+        "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
+        "val_rmse": val_rmse, "lr": run.scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+        "img_per_s": round(run.steps_per_epoch * cfg.batch_size * run.world_size / seconds, 1),
+        "numerics": numerics_name(numerics["amp"], numerics["channels_last"])})
+    progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
+    improved = not data.has_val or val_rmse < progress["best_val_rmse"]   # no val: best = last
+    if improved:
+        progress["best_val_rmse"] = val_rmse
+    if run.is_main:
+        print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | " +
+              (f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {data.baseline_val_rmse:.5f}"
+               if data.has_val else "no val split: best.pt is this epoch"))
+    # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
+    # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
+    save(run, *(["best.pt", "last.pt"] if improved else ["last.pt"]))
+    if run.is_main:
+        plot = progress["epoch"] == cfg.epochs or time.monotonic() - run.plotted_at >= PLOT_EVERY_S
+        write_metrics(progress["history"], cfg.out_dir, data.baseline_val_rmse, plot)
+        run.plotted_at = time.monotonic() if plot else run.plotted_at
+    return "signal" if on_any_rank(run, STOP_SIGNAL is not None)[0] else None
+
+
+def stop_early(run, why):
+    """The one way out before cfg.epochs: last.pt holds where the run is; 128 + signal or 0 (max_steps)."""
+    if run.saved_step != run.progress["global_step"]:
+        save(run, "last.pt")
+    if run.is_main:
+        said = f"signal {STOP_SIGNAL}" if STOP_SIGNAL else "a signal to another process"
+        print(f"stopped by {said if why == 'signal' else f'max_steps={run.cfg.max_steps}'}; "
+              f"saved {run.cfg.out_dir}/last.pt (resume with --resume)")
+    return 128 + STOP_SIGNAL if STOP_SIGNAL else 0
+
+
+def save(run, *names):
+    """Write the run's state under each name in out_dir, in that order (one file, linked); rank 0
+    writes. Every rank first checks the weights: non-finite ones raise Diverged, and are never saved."""
+    models = [model for model in (run.raw_model, run.averaged_model) if model is not None]
+    finite = torch.stack([torch.isfinite(tensor).all() for model in models for tensor in model.state_dict().values()
+                          if tensor.is_floating_point()]).all().item()
+    if on_any_rank(run, not finite)[0]:
+        raise Diverged(f"the weights are not finite after step {run.progress['global_step']}")
+    if run.is_main:
+        state = checkpoint_state(run.raw_model, run.optimizer, run.scheduler, run.cfg, run.progress, run.aug_generator,
+                                 run.device, run.train_mean, run.numerics, run.averaged_model)
+        try:
+            save_checkpoints([os.path.join(run.cfg.out_dir, name) for name in names], state)
+        except DataError as err:   # a full disk: the checkpoints on disk are still whole
+            if not os.path.isfile(os.path.join(run.cfg.out_dir, "last.pt")):
+                raise   # nothing to resume: the same command starts the run again
+            raise DataError(f"{err} with --resume (it goes on from last.pt)") from None
+    run.saved_step = run.progress["global_step"]
+
+
+def on_any_rank(run, *flags):
+    """Each flag OR-ed over every rank (one all_reduce), so all ranks stop at the same step."""
+    if run.world_size == 1:
+        return [bool(flag) for flag in flags]
+    together = torch.tensor([float(bool(flag)) for flag in flags], device=run.device)   # NCCL reduces CUDA tensors
+    dist.all_reduce(together, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in together.tolist()]
+
+
+def report_test(cfg, data, device, numerics):
     """Test-split RMSE of best.pt, with the mean-prediction baseline beside it."""
+    targets = data.test_targets
     if not len(targets):
         print("no test split (test_fraction=0)")
         return
     best = read_checkpoint(os.path.join(cfg.out_dir, "best.pt"))
     model = build_model(cfg).to(device)
     model.load_state_dict(best["model"])
-    test_rmse = rmse(predict(model, test_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
+    test_rmse = rmse(predict(model, data.test_images, 2 * cfg.batch_size, numerics["amp"], numerics["channels_last"]),
                      targets)
-    baseline = rmse(mean_prediction.expand_as(targets), targets)
+    baseline = rmse(data.train_mean.expand_as(targets), targets)
     print(f"test RMSE {test_rmse:.5f} (best.pt, epoch {best['epoch']}) | mean-prediction baseline "
           f"{baseline:.5f} | {len(targets)} galaxies")
 
@@ -256,18 +359,18 @@ def report_test(cfg, test_images, targets, mean_prediction, device, numerics):
 def train_run(overrides):
     """One run: lock its out_dir, then train, resume, extend or fine-tune it. Returns the exit code."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    lock = claim_out_dir(build_config(overrides).out_dir) if is_main else None  # noqa: F841 (held open)
-    cfg, checkpoint = parse_config(overrides)
-    init_weights = read_init_weights(cfg) if cfg.init_from and checkpoint is None else None
-    if checkpoint is not None:
-        if is_main:
-            repair_best(cfg, checkpoint)
-        if run_is_complete(cfg, checkpoint):
+    with claim_out_dir(build_config(overrides).out_dir) if is_main else contextlib.nullcontext():   # the lock
+        cfg, checkpoint = parse_config(overrides)
+        init_weights = read_init_weights(cfg) if cfg.init_from and checkpoint is None else None
+        if checkpoint is not None:
             if is_main:
-                print(f"{cfg.out_dir} is already complete: {checkpoint['epoch']} of {cfg.epochs} epochs done; "
-                      f"nothing to train (a larger --epochs extends it)")
-            return 0
-    return train(cfg, checkpoint, init_weights)
+                repair_best(cfg, checkpoint)
+            if run_is_complete(cfg, checkpoint):
+                if is_main:
+                    print(f"{cfg.out_dir} is already complete: {checkpoint['epoch']} of {cfg.epochs} epochs done; "
+                          f"nothing to train (a larger --epochs extends it)")
+                return 0
+        return train(cfg, checkpoint, init_weights)
 
 
 def main():
@@ -276,7 +379,10 @@ def main():
     try:
         overrides, _ = parse_overrides(sys.argv[1:])
         cfg = build_config(overrides)
-        code = train_members(cfg, sys.argv[1:]) if cfg.members > 1 else train_run(overrides)
+        if cfg.recipe:
+            code = run_recipe(overrides)
+        else:
+            code = train_members(cfg, sys.argv[1:]) if cfg.members > 1 else train_run(overrides)
     except (ValueError, DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:  # a third Ctrl-C

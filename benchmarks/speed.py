@@ -224,7 +224,7 @@ def bench_train(cfg, overrides):
         print(f"one epoch of {FULL_EPOCH} images at this rate: {seconds:.0f} s (estimated)")
     once, twice = checkpoint_seconds(cfg, bench)
     print(f"an improving epoch's checkpoints (best.pt + last.pt): {once:.2f} s written once and linked, "
-          f"{twice:.2f} s written twice (as before stop 16); a 2,700-galaxy epoch at the pipeline's rate: "
+          f"{twice:.2f} s written twice (best.pt and last.pt apart); a 2,700-galaxy epoch at the pipeline's rate: "
           f"{2700 / pipeline_rate:.2f} s")
     return {"train": train_rate, "inference": inference_rate, "pipeline": pipeline_rate, "model": model_rate,
             "best": best, "auto_train": train_choice, "auto_inference": inference_choice,

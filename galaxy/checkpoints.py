@@ -1,5 +1,6 @@
 """Reading what train.py saved: a checkpoint loaded safely (weights_only), checked, and turned
 back into the model it was trained as, with a one-line error naming the fix when it cannot be."""
+from collections.abc import Mapping
 import os
 
 import torch
@@ -33,8 +34,22 @@ def read_checkpoint(path, map_location="cpu"):
                               f"it is not a checkpoint written by train.py") from None
 
 
+def check_finite(state_dict, path):
+    """CheckpointError if any floating-point tensor of state_dict holds a NaN or an inf: such weights
+    come from a run that diverged, and would predict NaN for every galaxy (or train on from NaN)."""
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN or inf, first in {name}): "
+                                  f"it diverged; use an earlier checkpoint or retrain with a lower --lr")
+
+
 def load_state(model, state_dict, path):
-    """load_state_dict with a one-line explanation when the shapes do not match."""
+    """load_state_dict with a one-line explanation when the shapes do not match or the weights
+    are not finite (every script loads weights through here: predict, plot, --init_from, --resume)."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds no weights (a {type(state_dict).__name__}); "
+                              f"it was not written by train.py")
+    check_finite(state_dict, path)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
@@ -54,7 +69,8 @@ def model_from_checkpoint(checkpoint, path, device="cpu"):
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no model/config; it was not written by train.py")
     try:
-        cfg = config_from_dict(checkpoint["config"]).validate()
+        # the machine-dependent bounds (workers, threads) were the training machine's to meet
+        cfg = config_from_dict(checkpoint["config"]).validate(this_machine=False)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path} holds an unusable config ({err}); "
                               f"it was not written by this project's train.py") from None

@@ -2,7 +2,7 @@
 
 preprocess.py, predict.py and plot_image.py all crop through crop_galaxy, so a galaxy is cut
 exactly the same way for training, for prediction and for the plot. crop=roi boxes the galaxy
-at the frame centre (the seed's region of interest); crop=center takes a fixed central square.
+at the frame centre (the original design's region-of-interest crop); crop=center takes a fixed central square.
 """
 import io
 import json
@@ -25,7 +25,7 @@ class BadImage(ValueError):
 
 def _square_box(center_x, center_y, side, width, height):
     """An integer square of the given side about a centre, shifted inside the frame (shrunk only if too big)."""
-    side = int(round(min(side, width, height)))
+    side = max(1, int(round(min(side, width, height))))   # a tiny frame still gives a pixel, never an empty box
     left = int(round(center_x - side / 2))
     top = int(round(center_y - side / 2))
     left = min(max(left, 0), width - side)

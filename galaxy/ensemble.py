@@ -4,10 +4,13 @@ each image once and crops it once per distinct crop setting, and the mean and sp
 members' (and TTA views') vote fractions.
 
 predict.py and plot_image.py both predict through here: one checkpoint is an ensemble of one.
+A member whose vote fractions are not finite (NaN, inf: a run that diverged) stops the run with
+its name, so that no output ever holds them.
 """
 from dataclasses import dataclass
 import glob
 import os
+import stat
 import zipfile
 
 from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
@@ -18,10 +21,11 @@ from dataset import NUM_OUTPUTS, DataError, png_ids, read_png
 from galaxy import kaggle_raw
 from galaxy.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint, unfinished_run
 from galaxy.crop import CROP_KEYS, BadImage, crop_galaxy, crop_settings_mismatch
-from galaxy.files import atomic_write
+from galaxy.files import file_text, signals_held, write_failure
 from galaxy.inference import predict_views
 from galaxy.numerics import choose_numerics
 from galaxy.pool import run_pool, unexpected_error, worker_job
+from galaxy.similar import EMBEDDINGS_FILE, IDS_FILE, SOURCE_FILE, embedding_source, write_embeddings
 
 # --- which checkpoints ---------------------------------------------------------------------------
 
@@ -161,6 +165,27 @@ def describe_members(members, sources):
 
 # --- reading and cropping, in the worker pool ------------------------------------------------------
 
+FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+              (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+
+
+def file_kind(mode):
+    """"" for a regular file's st_mode, else what it is in words ("FIFO", "socket", ...)."""
+    if stat.S_ISREG(mode):
+        return ""
+    return next((kind for test, kind in FILE_KINDS if test(mode)), "special file")
+
+
+def read_regular_file(path):
+    """The bytes of path; BadImage for anything but a regular file. O_NONBLOCK: opening a FIFO
+    would otherwise wait for a writer forever (it is then refused unread)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        kind = file_kind(os.fstat(f.fileno()).st_mode)
+        if kind:
+            raise BadImage(f"not a regular file ({kind})")
+        return f.read()
+
+
 def load_crops(task):
     """Pool worker: (name, [uint8 HWC crop for each crop group] or None, why it was skipped).
 
@@ -181,8 +206,7 @@ def load_crops(task):
                 if where.get("raw"):
                     data = kaggle_raw.read_raw(job["raw_dir"], where["raw"])
                 elif where.get("file"):
-                    with open(where["file"], "rb") as f:
-                        data = f.read()
+                    data = read_regular_file(where["file"])
                 else:
                     return name, None, "no image: neither a PNG made with these crop settings nor a raw image"
             crops.append(np.asarray(crop_galaxy(data, group["cfg"])[0], np.uint8))
@@ -197,12 +221,38 @@ def load_crops(task):
 
 # --- predicting ------------------------------------------------------------------------------------
 
-def predict_batch(members, group_images, numerics, tta, embed=False):
+def check_finite(members, per_member, features, names=None):
+    """CheckpointError naming each member whose vote fractions (M, B, 37), or features (B, F) for
+    --embed (the first member's), hold a NaN or inf, and the first galaxy affected (names[i], else
+    its place in the batch).
+
+    Weights that are finite can still overflow on some image: its row would be blank, or (as the
+    mean over members) poison the ensemble's row while its summary still read like a galaxy.
+    """
+    problems = []
+    for index, member in enumerate(members):
+        outputs = [("vote fractions", per_member[index])] + ([("features", features)] if index == 0 and
+                                                             features is not None else [])
+        for what, values in outputs:
+            bad = (~torch.isfinite(values).reshape(len(values), -1).all(1)).nonzero().flatten().tolist()
+            if bad:
+                first = file_text(names[bad[0]]) if names is not None else f"image {bad[0] + 1} of the batch"
+                count = f"{len(bad)} galax{'y' if len(bad) == 1 else 'ies'} of a batch of {len(values)}"
+                problems.append(f"member {file_text(member.path)} gives non-finite {what} for {count} (first: {first})")
+                break
+    if problems:
+        leave = "it diverged; leave it" if len(problems) == 1 else "they diverged; leave them"
+        raise CheckpointError(f"{'; '.join(problems)}: {leave} out of --checkpoint")
+
+
+def predict_batch(members, group_images, numerics, tta, embed=False, names=None):
     """One batch through every member, one after another, each on its own crop group's images.
 
     group_images[g] is the uint8 batch (B, 3, S, S) as crop group g cuts it. Returns (mean (B, 37),
     std (B, 37), each member's vote fractions (M, B, 37), features (B, F) or None): mean and std
     run over all members x views (8 views each with tta), the features are the first member's.
+    A member giving non-finite values is a CheckpointError (check_finite; names, the B galaxies'
+    names, say which).
     """
     all_views, member_means, features = [], [], None
     for index, member in enumerate(members):
@@ -212,8 +262,10 @@ def predict_batch(members, group_images, numerics, tta, embed=False):
         all_views.append(views)
         member_means.append(views.mean(0))
         features = member_features if index == 0 else features
+    member_means = torch.stack(member_means)
+    check_finite(members, member_means, features, names)
     views = torch.cat(all_views)
-    return views.mean(0), views.std(0, correction=0), torch.stack(member_means), features
+    return views.mean(0), views.std(0, correction=0), member_means, features
 
 
 @dataclass
@@ -223,6 +275,7 @@ class EnsemblePrediction:
     std: np.ndarray        # (N, 37) their standard deviation: the spread
     members: np.ndarray    # (M, N, 37) each member's own (TTA-averaged) vote fractions
     features: object       # (N, F) float16 penultimate features of the first member, or None
+    source: object         # with features: the model that made them (galaxy.similar.embedding_source)
     skipped: list          # [(name, reason)] for the images that could not be read
     views: int             # members x views per member; the spread is 0 when it is 1
 
@@ -241,7 +294,8 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
     def flush():
         group_images = [torch.from_numpy(np.stack([crops[g] for _, crops in batch])).permute(0, 3, 1, 2).contiguous()
                         for g in range(len(groups))]
-        mean, std, per_member, batch_features = predict_batch(members, group_images, numerics, cfg.tta, embed)
+        mean, std, per_member, batch_features = predict_batch(members, group_images, numerics, cfg.tta, embed,
+                                                              names=[name for name, _ in batch])
         names.extend(name for name, _ in batch)
         means.append(mean.numpy())
         stds.append(std.numpy())
@@ -250,7 +304,8 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
             features.append(batch_features.numpy().astype(np.float16))
         batch.clear()
 
-    for name, crops, reason in run_pool(load_crops, tasks, cfg.workers, job, description, ordered=True):
+    results = run_pool(load_crops, tasks, cfg.workers, job, description, ordered=True) if tasks else []
+    for name, crops, reason in results:
         if crops is None:
             skipped.append((name, reason))
             continue
@@ -265,7 +320,25 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
         members=(np.concatenate(member_means, 1) if member_means
                  else np.zeros((len(members), 0, NUM_OUTPUTS), np.float32)),
         features=(np.concatenate(features) if features else np.zeros((0, 0), np.float16)) if embed else None,
+        source=embedding_source(members[0], cfg.tta) if embed else None,
         skipped=skipped, views=len(members) * (8 if cfg.tta else 1))
+
+
+def save_embeddings(out_dir, result, sources, written):
+    """write_embeddings (galaxy/similar.py) of an EnsemblePrediction's features, with the model that made
+    them, each name through file_text, with Ctrl-C held back until they are written; written (a list)
+    gets their paths. A failed write keeps the features in
+    embeddings_rescued.npz and is a DataError that says where."""
+    ids, features = [file_text(name) for name in result.names], result.features
+    with signals_held():
+        try:
+            write_embeddings(out_dir, ids, sources, features, result.source)
+        except Exception as err:
+            rescue = {"id": np.array(ids, str), "source": np.array(sources, str), "features": features}
+            raise DataError(write_failure(os.path.join(out_dir, EMBEDDINGS_FILE), err, rescue, EMBEDDINGS_FILE,
+                                          changed=True)) from None
+        paths = [os.path.join(out_dir, name) for name in (EMBEDDINGS_FILE, IDS_FILE, SOURCE_FILE)]
+        written += [path for path in paths if os.path.isfile(path)]   # embeddings.json only with a known model
 
 
 # --- does the spread mean anything? ------------------------------------------------------------------
@@ -293,7 +366,8 @@ def spread_calibration(spread, error, bins=8):
 
 
 def plot_spread(rows, correlation, path, title):
-    """Binned predicted spread against the observed RMSE of each bin, with the y = x line."""
+    """Binned predicted spread against the observed RMSE of each bin, with the y = x line, as the PNG path
+    (written as it is: a temporary name of write_file_set's)."""
     spread, observed = [row[1] for row in rows], [row[2] for row in rows]
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -307,4 +381,4 @@ def plot_spread(rows, correlation, path, title):
     ax.set_title(f"{title}\nPearson r(spread, error) per galaxy = {correlation:.3f}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    fig.savefig(path, dpi=110, format="png")

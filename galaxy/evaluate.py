@@ -1,6 +1,8 @@
 """Evaluation on the held-out split of the training data (predict.py --split=test|val): RMSE
 per question against the mean-prediction baseline, and for an ensemble each member's RMSE and
-whether the members' spread predicts the error.
+whether the members' spread predicts the error. Its files are one set (galaxy.files.write_file_set):
+eval_<split>.csv and .png, eval_<split>_members.csv, spread_<split>.csv and .png; a run replaces all
+the earlier run's, so no file of another ensemble or split stays beside them.
 """
 import os
 
@@ -11,10 +13,9 @@ import torch
 
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, read_labels, read_split
 from galaxy.ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
-                             spread_calibration)
-from galaxy.files import atomic_write
+                             save_embeddings, spread_calibration)
+from galaxy.files import csv_writer, file_text, write_file_set
 from galaxy.inference import rmse
-from galaxy.similar import write_embeddings
 
 # --- the metric per question ---------------------------------------------------------------
 
@@ -41,8 +42,14 @@ def evaluation_table(predictions, targets, baseline):
     return pd.DataFrame(rows)
 
 
+def evaluation_files(split):
+    """Every file of an evaluation's set, the main one first."""
+    return (f"eval_{split}.csv", f"eval_{split}.png", f"eval_{split}_members.csv", f"spread_{split}.csv",
+            f"spread_{split}.png")
+
+
 def plot_evaluation(table, path, title):
-    """Horizontal bars, model beside the mean-prediction baseline, one pair per question."""
+    """Horizontal bars, model beside the mean-prediction baseline, one pair per question, as the PNG path."""
     labels = [f"{q}  {text}" if q != "all" else text for q, text in zip(table["question"], table["text"])]
     positions = np.arange(len(table))[::-1]  # the overall row on top, Q1 under it
     fig = Figure(figsize=(9, 7.5), layout="constrained")
@@ -58,7 +65,7 @@ def plot_evaluation(table, path, title):
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    fig.savefig(path, dpi=120, format="png")
 
 
 def shared_split(split_name, members):
@@ -76,8 +83,9 @@ def shared_split(split_name, members):
     return read_split(paths[0]), paths[0]
 
 
-def report_members(cfg, members, member_predictions, predictions, targets):
-    """Each member's RMSE beside the ensemble's, best and mean member: printed and in eval_<split>_members.csv."""
+def report_members(members, member_predictions, predictions, targets):
+    """Each member's RMSE beside the ensemble's, best and mean member: printed, and returned as the table
+    of eval_<split>_members.csv."""
     member_rmse = [float(np.sqrt(np.mean((p - targets) ** 2))) for p in member_predictions]
     rows = [(member.path, value) for member, value in zip(members, member_rmse)]
     rows += [("ensemble", float(np.sqrt(np.mean((predictions - targets) ** 2)))),
@@ -85,30 +93,26 @@ def report_members(cfg, members, member_predictions, predictions, targets):
              ("mean member", float(np.mean(member_rmse)))]
     for name, value in rows:
         print(f"  RMSE {value:.4f}  {name}")
-    table = pd.DataFrame(rows, columns=["model", "rmse"])
-    path = os.path.join(cfg.out_dir, f"eval_{cfg.split}_members.csv")
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-    print(f"wrote {path}")
+    return pd.DataFrame([(file_text(name), value) for name, value in rows], columns=["model", "rmse"])
 
 
-def report_spread(cfg, std, predictions, targets, views):
+def report_spread(split, std, predictions, targets, views):
     """Does the spread mean anything? Pearson r of each galaxy's spread and error, and the binned
-    spread against the observed RMSE: spread_<split>.csv and spread_<split>.png."""
+    spread against the observed RMSE: printed, and returned as the writers of spread_<split>.csv and .png."""
     correlation, rows = spread_calibration(galaxy_spread(std), galaxy_error(predictions, targets))
     print(f"spread over {views} members x views: Pearson r(predicted spread, actual error) per galaxy = "
           f"{correlation:.3f}; per quantile bin (spread -> RMSE): "
           + ", ".join(f"{spread:.3f}->{error:.3f}" for _, spread, error in rows))
     table = pd.DataFrame(rows, columns=["galaxies", "rms_spread", "rmse"])
     table.insert(0, "pearson_r", correlation)
-    csv_path = os.path.join(cfg.out_dir, f"spread_{cfg.split}.csv")
-    png_path = os.path.join(cfg.out_dir, f"spread_{cfg.split}.png")
-    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-    plot_spread(rows, correlation, png_path, f"{cfg.split} split: {len(targets)} galaxies, {views} members x views")
-    print(f"wrote {csv_path} and {png_path}")
+    title = f"{split} split: {len(targets)} galaxies, {views} members x views"
+    return {f"spread_{split}.csv": csv_writer(table, float_format="%.6f"),
+            f"spread_{split}.png": lambda path: plot_spread(rows, correlation, path, title)}
 
 
-def evaluate_split(cfg, members, groups):
-    """RMSE per question on the held-out split; with several members or TTA also the spread report."""
+def evaluate_split(cfg, members, groups, written=None):
+    """RMSE per question on the held-out split; with several members or TTA also the spread report.
+    written (a list) gets each path as it is written."""
     split, split_path = shared_split(cfg.split, members)
     galaxy_ids = split[cfg.split]
     if not len(galaxy_ids):
@@ -142,16 +146,22 @@ def evaluate_split(cfg, members, groups):
     for row in table.itertuples():
         label = row.text if row.question == "all" else f"{row.question:<4} {row.text}"
         print(f"{label:<36}{row.model_rmse:>8.4f}{row.baseline_rmse:>10.4f}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    csv_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.csv")
-    png_path = os.path.join(cfg.out_dir, f"eval_{cfg.split}.png")
-    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-    plot_evaluation(table, png_path, f"{cfg.split} split: {len(galaxy_ids)} galaxies, "
-                                     f"RMSE {table['model_rmse'][0]:.4f} (baseline {table['baseline_rmse'][0]:.4f})")
-    print(f"wrote {csv_path} and {png_path}")
+    title = (f"{cfg.split} split: {len(galaxy_ids)} galaxies, "
+             f"RMSE {table['model_rmse'][0]:.4f} (baseline {table['baseline_rmse'][0]:.4f})")
+    names = evaluation_files(cfg.split)
+    files = {names[0]: csv_writer(table, float_format="%.6f"),
+             names[1]: lambda path: plot_evaluation(table, path, title)}
     if len(members) > 1:
-        report_members(cfg, members, result.members, predictions, targets)
+        files[names[2]] = csv_writer(report_members(members, result.members, predictions, targets),
+                                     float_format="%.6f")
     if result.views > 1:
-        report_spread(cfg, result.std, predictions, targets, result.views)
+        files.update(report_spread(cfg.split, result.std, predictions, targets, result.views))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rescue = {"galaxy_id": galaxy_ids, "mean": predictions, "std": result.std, "members": result.members}
+    written = [] if written is None else written
+    paths, removed = write_file_set(cfg.out_dir, files, names, rescue, written)
+    for path in removed:
+        print(f"removed {path}: an earlier run's, it does not belong with these results")
+    print(f"wrote {', '.join(paths)}")
     if cfg.embed:
-        write_embeddings(cfg.out_dir, result.names, [cfg.split] * len(result.names), result.features)
+        save_embeddings(cfg.out_dir, result, [cfg.split] * len(result.names), written)

@@ -4,6 +4,7 @@ which file goes where when raw_dir holds none.
 """
 import os
 from pathlib import Path
+import stat
 import zipfile
 import zlib
 
@@ -48,6 +49,55 @@ def _is_jpeg_name(name):
     return base.lower().endswith((".jpg", ".jpeg")) and not base.startswith("._")
 
 
+# what a directory entry that is no regular file is, for skipped.csv
+SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                 (stat.S_ISBLK, "block device"))
+
+
+def _entry_kind(entry):
+    """'' for a regular file (or a link to one), else what the entry is: a FIFO, a device, a broken link.
+
+    Opening a FIFO blocks until something writes to it, and a device may never end: a worker that
+    read one would hang the run, so such entries are listed, never read.
+    """
+    try:
+        if entry.is_file():   # the directory listing's own type: no stat for a plain file
+            return ""
+        mode = entry.stat().st_mode
+    except OSError:
+        return "broken link"
+    return next((name for is_kind, name in SPECIAL_KINDS if is_kind(mode)), "special file")
+
+
+def _folder_jpegs(source, raw_dir):
+    """(sorted references of the regular JPEG files under source, [(reference, kind)] of the JPEG
+    names that are no regular file). Folders are walked as os.walk does (links to folders are not
+    followed, unreadable folders are passed over); a folder named like a JPEG is just a folder."""
+    references, special, folders = [], [], [Path(source)]
+    while folders:
+        folder = folders.pop()
+        prefix = folder.relative_to(raw_dir).as_posix()   # strings per file: a split holds 60k files
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+            elif _is_jpeg_name(entry.name) and not entry.is_dir():   # a link to a folder is passed over
+                kind = _entry_kind(entry)
+                if kind:
+                    special.append((f"{prefix}/{entry.name}", kind))
+                else:
+                    references.append(f"{prefix}/{entry.name}")
+    return sorted(references), sorted(special)
+
+
+def _stem_id(reference):
+    stem = reference.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return int(stem) if stem.isdigit() else ""
+
+
 def scan_images(raw_dir, split):
     """({galaxy_id: reference}, [skip records]) for one split; see raw_images for references."""
     source = _find_images_source(raw_dir, split)
@@ -56,14 +106,12 @@ def scan_images(raw_dir, split):
     if source.suffix == ".zip":
         with open_zip(source) as archive:
             names = [n for n in archive.namelist() if _is_jpeg_name(n) and "__MACOSX" not in n]
-        references = [f"{source.name}/{name}" for name in names]
+        references, special = [f"{source.name}/{name}" for name in names], []
     else:
-        references = []
-        for root, _, files in os.walk(source):
-            folder = Path(root).relative_to(raw_dir).as_posix()   # strings per file: a split holds 60k files
-            references += [f"{folder}/{name}" for name in files if _is_jpeg_name(name)]
-        references.sort()
-    images, skipped = {}, []
+        references, special = _folder_jpegs(source, raw_dir)
+    images = {}
+    skipped = [skip_record(split, _stem_id(reference), reference, f"not a regular file ({kind})")
+               for reference, kind in special]
     for reference in references:
         stem = reference.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         if not stem.isdigit():

@@ -1,10 +1,12 @@
 """Kaggle's JPEGs -> processed_dir/{train,test}/<GalaxyID>.png and a clean labels.csv: the work
 behind preprocess.py, on every core, resumable, with unusable input listed in skipped.csv.
 
+With --ids, only the galaxies listed in that file (subsets/*.csv) are made, from either split.
 Every file gets its name only when it is whole, so a killed run leaves no half-written file, and a
 re-run skips the PNGs already complete.
 """
 from collections import Counter
+from contextlib import closing
 import json
 import os
 from pathlib import Path
@@ -87,6 +89,55 @@ def _crop_and_save(task):
     return split, galaxy_id, "written", ""
 
 
+def read_ids(path):
+    """The set of GalaxyIDs in --ids's file: a CSV with a GalaxyID column, or one ID per line.
+
+    Raises DataError naming the file when it cannot be read, holds no ID or holds something else.
+    """
+    fix = "give a CSV with a GalaxyID column or a text file with one GalaxyID per line, e.g. subsets/*.csv"
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read --ids={path} ({getattr(err, 'strerror', None) or err}); {fix}") from None
+    lines = [(number, line) for number, line in enumerate(lines, 1) if line]
+    column = 0
+    if lines and not lines[0][1].split(",")[0].strip().isdigit():   # a header line
+        header = [name.strip().strip('"') for name in lines.pop(0)[1].split(",")]
+        if "GalaxyID" not in header:
+            raise DataError(f"--ids={path} has no GalaxyID column (its header is {','.join(header)}); {fix}")
+        column = header.index("GalaxyID")
+    ids = set()
+    for number, line in lines:
+        fields = line.split(",")
+        value = fields[column].strip().strip('"') if column < len(fields) else ""
+        if not value.isdigit():
+            raise DataError(f"--ids={path} line {number}: {value!r} is not a GalaxyID; {fix}")
+        ids.add(int(value))
+    if not ids:
+        raise DataError(f"--ids={path} holds no GalaxyID; {fix}")
+    return ids
+
+
+def _select_ids(cfg, images, labels, skipped):
+    """Keep only --ids's galaxies: in images (in place), labels and the skip records; add a record
+    for each listed ID found nowhere in raw_dir. Returns (labels, skipped, {"listed", "absent"})."""
+    wanted = read_ids(cfg.ids)
+    for split in SPLIT_FOLDERS:
+        images[split] = {galaxy_id: ref for galaxy_id, ref in images[split].items() if galaxy_id in wanted}
+    if labels is not None:
+        labels = labels[labels.index.isin(wanted)]
+    # records of galaxies not asked for would only hide the ones that matter
+    skipped = [record for record in skipped
+               if not str(record["galaxy_id"]).isdigit() or int(record["galaxy_id"]) in wanted]
+    found = set(images["train"]) | set(images["test"]) | (set(labels.index) if labels is not None else set())
+    absent = sorted(wanted - found)
+    if len(absent) == len(wanted):
+        raise DataError(f"none of the {len(wanted)} GalaxyIDs in --ids={cfg.ids} is in {cfg.raw_dir}; "
+                        f"point --raw_dir at Kaggle's download or --ids at another list")
+    skipped += [skip_record("", galaxy_id, cfg.ids, "listed in ids but not in raw_dir") for galaxy_id in absent]
+    return labels, skipped, {"listed": len(wanted), "absent": len(absent)}
+
+
 def _prepare_output(processed_dir, cfg):
     """Make train/ and test/, remove stale temp files, and drop PNGs made with other crop settings."""
     settings = {key: getattr(cfg, key) for key in CROP_KEYS}
@@ -134,6 +185,9 @@ def _preprocess_locked(cfg, raw_dir, processed_dir, progress):
     skipped += label_skipped
     if images["train"] and labels is None:
         sys.exit(raw_layout_error(raw_dir, f"training images but no {SOLUTIONS}.zip or .csv"))
+    selection = None
+    if cfg.ids:
+        labels, skipped, selection = _select_ids(cfg, images, labels, skipped)
     if labels is not None:
         # a galaxy needs both a label row and an image to be a training example
         for galaxy_id in sorted(set(labels.index) - set(images["train"])):
@@ -150,13 +204,14 @@ def _preprocess_locked(cfg, raw_dir, processed_dir, progress):
     done = {split: [] for split in SPLIT_FOLDERS}
     outcomes = Counter()
     job = {"cfg": cfg, "raw_dir": str(raw_dir), "processed_dir": str(processed_dir)}
-    for split, galaxy_id, outcome, reason in run_pool(_crop_and_save, tasks, cfg.workers, job, "preprocess",
-                                                      progress):
-        outcomes[outcome] += 1
-        if outcome == "skipped":
-            skipped.append(skip_record(split, galaxy_id, images[split][galaxy_id], reason))
-        else:
-            done[split].append(galaxy_id)
+    # closing: a Ctrl-C that lands in this loop's body ends the pool here too, not at exit with no stop set
+    with closing(run_pool(_crop_and_save, tasks, cfg.workers, job, "preprocess", progress)) as results:
+        for split, galaxy_id, outcome, reason in results:
+            outcomes[outcome] += 1
+            if outcome == "skipped":
+                skipped.append(skip_record(split, galaxy_id, images[split][galaxy_id], reason))
+            else:
+                done[split].append(galaxy_id)
 
     if labels is not None:
         atomic_write(processed_dir / "labels.csv",
@@ -166,8 +221,13 @@ def _preprocess_locked(cfg, raw_dir, processed_dir, progress):
     summary = {"written": outcomes["written"], "present": outcomes["present"],
                "train": len(done["train"]), "test": len(done["test"]), "skipped": dict(reasons)}
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
+    chosen = ""
+    if selection:
+        summary["ids"] = selection
+        chosen = (f"; ids: {selection['listed']} listed in {cfg.ids}, {selection['absent']} of them not in "
+                  f"{raw_dir}")
     print(f"preprocess: {summary['written']} PNGs written, {summary['present']} already present "
-          f"({summary['train']} train, {summary['test']} test in {processed_dir}); "
+          f"({summary['train']} train, {summary['test']} test in {processed_dir}){chosen}; "
           f"skipped {len(skipped)}: {skipped_text} (see skipped.csv)")
     if not done["train"] and not done["test"]:
         sys.exit(raw_layout_error(raw_dir, "no image could be used; skipped.csv says why"))

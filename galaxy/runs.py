@@ -24,16 +24,18 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # tests only: seconds each checkpoint lingers under its temporary name, so a kill can land mid-write
 SAVE_DELAY = float(os.environ.get("TRAIN_TEST_SAVE_DELAY", "0"))
 
-# --resume may change these; what each does is in README.md ("Resuming, extending, fine-tuning")
+# --resume may change these; what each does is in docs/training.md ("Resuming and extending")
 CHANGEABLE_ON_RESUME = (
     "epochs", "lr",                                   # the lr schedule is re-planned from the current step
     "max_steps", "threads", "workers", "device", "amp", "channels_last",   # how, not what, it computes
     "out_dir", "processed_dir",                       # checked: the same galaxies (split.csv) and crop keys
-    "resume", "members", "members_at_once",           # not read by a resumed run, nor are the next
+    "resume", "members", "members_at_once", "recipe", "ids",   # not read by a resumed run, nor are the next
     "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",
     "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
     "scale",                                          # bench.py only
 )
+# a resumed run takes this machine's value of these unless given again, not the saved one
+MACHINE_KEYS = ("workers", "threads", "members_at_once")
 # ... and not these: they define what is trained, so a change would make one run of two halves
 FIXED_ON_RESUME = (
     "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "train_on_val", "output",
@@ -57,6 +59,10 @@ def parse_config(overrides):
                                   f"or point --out_dir at the run to continue")
         checkpoint = read_checkpoint(path)
         saved = config_from_dict(checkpoint["config"]).to_dict()
+        # how many processes and threads the run had belongs to the machine it ran on, not to the run:
+        # a run resumed on a smaller machine takes this one's defaults unless they are given again
+        for key in MACHINE_KEYS:
+            saved.pop(key, None)
         cfg = build_config({**saved, **overrides, "out_dir": cfg.out_dir})   # the run is where last.pt is
     cfg = adopt_crop_settings(cfg, overrides)
     if checkpoint is not None:

@@ -3,6 +3,7 @@ no-GPU error and its table), bench.py train's checkpoint timing and bench.py acc
 import math
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 import zipfile
@@ -11,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks import gpu, speed
-from benchmarks.accuracy import ACCURACY_RUNS, ENSEMBLE_RUNS, member_settings
+from benchmarks import accuracy, gpu, speed
+from benchmarks.accuracy import ABLATIONS, ENSEMBLES, RECIPES, plan, rows, run_accuracy
 from benchmarks.gpu import NO_GPU, beyond_startup, gpu_table, members_side_by_side, small_processed_copy
 from benchmarks.scale import build_kaggle_zips
 from benchmarks.speed import TrainingBench, checkpoint_seconds
 from config import Config, build_config
+from galaxy.recipes import load_recipe, member_plan
 from helpers import REPO, run_script
 
 
@@ -132,14 +134,49 @@ def test_small_processed_copy_holds_the_first_pngs_and_the_settings(tmp_path):
     assert (small / "preprocess.json").read_text() == "{}" and not (small / "labels.csv").exists()
 
 
-def test_accuracy_rows_and_ensemble_members_are_valid_configs():
-    for _, overrides in ACCURACY_RUNS:
-        build_config(overrides).validate()
-    for _, members in ENSEMBLE_RUNS:
-        assert len(set(members)) == len(members)   # a member twice would weigh double
-        for variant, seed in members:
-            member = build_config(member_settings(variant, seed)).validate()
-            assert member.split_seed == 1337   # all score the same held-out galaxies
+def test_accuracy_rows_recipes_and_ensembles_are_valid_and_share_the_test_galaxies():
+    for name, (_, settings) in rows().items():
+        assert build_config(settings).validate().split_seed == 1337, name   # all score the same held-out galaxies
+    for recipe in RECIPES:
+        for _, _, seed, settings in member_plan(load_recipe(recipe), {}):
+            assert build_config({**settings, "seed": seed}).split_seed == 1337, recipe
+    for name, members in ENSEMBLES.items():
+        assert len(set(members)) == len(members), name   # a member twice would weigh double
+        for member in members:
+            assert member in rows() or member.removeprefix("recipe ") in RECIPES, member
+    names = [name for _, name, _ in plan()]
+    assert len(names) == len(set(names))   # a row's name is its key in accuracy.csv and its folder
+
+
+def test_accuracy_names_say_what_the_rows_are():
+    texts = list(ABLATIONS) + [name for _, name, _ in plan()] + [name for name in vars(accuracy) if name.isupper()]
+    for text in texts:
+        assert not re.search(r"stop|issue|#\d", text, re.IGNORECASE), text
+
+
+def test_accuracy_rows_log_to_files_and_a_rerun_skips_them(demo_raw, tmp_path, monkeypatch, capsys):
+    settings = {"crop": "roi", "epochs": 1, "split_seed": 1337, "seed": 1337}
+    monkeypatch.setattr(accuracy, "ABLATIONS", {"crop": {"ROI crop, 1 epoch": settings}})
+    monkeypatch.setattr(accuracy, "RECIPES", [])
+    monkeypatch.setattr(accuracy, "ENSEMBLES", {"1 member: ROI crop": ["ROI crop, 1 epoch"]})
+    overrides = {"batch_size": 16, "threads": 1, "workers": 1, "amp": "false", "channels_last": "false"}
+    cfg = build_config({"raw_dir": str(demo_raw), "out_dir": str(tmp_path), **overrides})
+    run_accuracy(cfg, overrides)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/2] crop: ROI crop, 1 epoch ..."
+    assert lines[1].startswith("[1/2] crop: ROI crop, 1 epoch: val_rmse")
+    assert lines[3].startswith("[2/2] ensembles: 1 member: ROI crop: test_rmse_tta")
+    results = tmp_path / "accuracy"
+    table = pd.read_csv(results / "accuracy.csv")
+    assert list(table["run"]) == ["ROI crop, 1 epoch", "1 member: ROI crop"] and "error" not in table
+    assert {"val_rmse", "val_rmse_tta", "test_rmse", "test_rmse_tta"} <= set(table.columns)
+    assert table["test_rmse_tta"].notna().all()
+    run_dir = results / "ROI_crop_1_epoch"
+    assert "epoch 1: train loss" in (run_dir / "train.log").read_text()
+    assert "--split=test" in (run_dir / "predict.log").read_text()
+    assert (results / "data_roi" / "labels.csv").is_file()
+    run_accuracy(cfg, overrides)
+    assert "[1/2] crop: ROI crop, 1 epoch: in " in capsys.readouterr().out   # skipped: already in the table
 
 
 def test_checkpoint_timing_writes_both_ways_and_leaves_nothing(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@ from dataclasses import fields
 
 import pytest
 
-from config import (Config, build_config, config_from_dict, get_config, help_text, key_meanings, parse_overrides,
-                    script_keys)
-from helpers import REPO, run_script
+from config import (MIN_IMAGE_SIZE, Config, build_config, config_from_dict, cpu_count, get_config, help_text,
+                    key_meanings, max_workers, parse_overrides, script_keys)
+from helpers import REPO, one_line_error, run_script
 
 
 def test_overrides_are_typed():
@@ -33,6 +33,72 @@ def test_bad_overrides_are_one_line_errors(argv, fragment, capsys):
 def test_impossible_configs_are_refused(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
         build_config(overrides)
+
+
+FLOAT_KEYS = [f.name for f in fields(Config) if f.type is float]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_key_must_be_finite(key, value):
+    with pytest.raises(ValueError, match=f"impossible config: {key} must be a finite number, not {value}"):
+        build_config({key: value})
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--lr=inf"], "lr must be a finite number, not inf"),
+    (["--weight_decay=inf"], "weight_decay must be a finite number, not inf"),
+    (["--aug_shift=nan"], "aug_shift must be a finite number, not nan"),
+    (["--threads=-3"], "threads must not be negative (0 = torch's default)"),
+    (["--workers=10000"], f"workers must be at most {max_workers()} on this machine ({cpu_count()} cores"),
+    (["--workers=0"], "workers must be at least 1"),
+    (["--threads=10000"], f"threads must be at most {max_workers()} on this machine"),
+    (["--members_at_once=10000"], f"members_at_once must be at most {max_workers()} on this machine"),
+    (["--image_size=16"], "image_size must lie in 18..424"),
+    (["--image_size=17"], "image_size must lie in 18..424"),
+    (["--image_size=425"], "image_size must lie in 18..424"),
+    (["--center_crop_size=0"], "center_crop_size must lie in 8..424 (pixels of Kaggle's 424-px frame)"),
+    (["--center_crop_size=-50"], "center_crop_size must lie in 8..424"),
+    (["--center_crop_size=7"], "center_crop_size must lie in 8..424"),
+    (["--center_crop_size=425"], "center_crop_size must lie in 8..424"),
+    (["--roi_min_size=0"], "roi_min_size must be at least 1"),
+    (["--roi_pad=-0.5"], "roi_pad must not be negative"),
+    (["--roi_pad=nan"], "roi_pad must be a finite number, not nan"),
+    (["--aug_zoom=1"], "aug_zoom must lie in [0, 1)"),
+    (["--aug_shift=-0.1"], "aug_shift must lie in [0, 1)"),
+    (["--aug_rotate=-5"], "aug_rotate must lie in [0, 180]"),
+    (["--aug_brightness=2"], "aug_brightness must lie in [0, 1]"),
+    (["--seed=-1"], "seed and split_seed must lie in 0..4294967295"),
+    (["--split_seed=99999999999999999999"], "seed and split_seed must lie in 0..4294967295"),
+    (["--max_steps=-1"], "max_steps must not be negative"),
+    (["--demo_train=-5"], "demo_train and demo_test must not be negative"),
+    (["--similar=100000"], "similar must lie in 0..64"),
+])
+def test_out_of_range_values_are_one_line_errors(argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        get_config(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: impossible config: ") and fragment in message and "\n" not in message
+
+
+def test_the_bounds_themselves_are_accepted():
+    for overrides in ({"image_size": MIN_IMAGE_SIZE}, {"image_size": 424}, {"center_crop_size": 8},
+                      {"center_crop_size": 424}, {"roi_min_size": 1}, {"roi_pad": 0.0}, {"threads": 0},
+                      {"threads": max_workers()}, {"workers": max_workers()}, {"aug_rotate": 180.0},
+                      {"aug_brightness": 1.0}, {"seed": 0, "split_seed": 2 ** 32 - 1}, {"workers": cpu_count()}):
+        build_config(overrides)
+
+
+def test_a_checkpoints_config_is_not_held_to_this_machines_bounds():
+    other_machine = Config(workers=10 * max_workers(), threads=10 * max_workers())   # trained on a bigger one
+    assert other_machine.validate(this_machine=False) is other_machine
+    with pytest.raises(ValueError, match="workers must be at most"):
+        other_machine.validate()
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py"])
+def test_negative_threads_are_a_one_line_error_in_every_script(script):
+    assert "threads must not be negative" in one_line_error(run_script(script, "--threads=-3"))
 
 
 def test_positional_arguments():
@@ -127,7 +193,7 @@ def test_help_exits_0_with_usage_and_keys(script, flag):
     if script == "plot_image.py":
         assert "usage: python plot_image.py <galaxy> [--key=value ...]" in result.stdout
     if script == "bench.py":
-        assert "<accuracy|gpu|preprocess|scale|similar|train>" in result.stdout
+        assert "<accuracy|curve|gpu|preprocess|scale|similar|train>" in result.stdout
 
 
 def test_unknown_key_points_to_help():

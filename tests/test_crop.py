@@ -79,7 +79,8 @@ def test_center_box_takes_the_same_fraction_of_any_frame():
     assert crop.center_box(424, 424, cfg) == (106, 106, 318, 318)
     assert crop.center_box(212, 212, cfg) == (53, 53, 159, 159)
     assert crop.center_box(600, 300, cfg) == (225, 75, 375, 225)      # half the shorter side
-    assert crop.center_box(424, 424, build_config({"center_crop_size": 600})) == (0, 0, 424, 424)
+    assert crop.center_box(424, 424, build_config({"center_crop_size": 424})) == (0, 0, 424, 424)
+    assert crop.center_box(200, 100, build_config({"center_crop_size": 424})) == (50, 0, 150, 100)
 
 
 def test_a_cutout_at_another_size_gives_the_kaggle_frame_s_crop():

@@ -1,3 +1,6 @@
+import io
+import os
+
 from PIL import Image
 import numpy as np
 import pandas as pd
@@ -71,6 +74,26 @@ def test_cache_is_rebuilt_when_pngs_change(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "new.png")
     (tmp_path / "new.png").replace(tmp_path / "train" / "1.png")
     assert load_images(folder, [1, 2], 64)[0].sum() == 0 and first[0].sum() > 0
+
+
+def test_cache_is_rebuilt_when_a_png_is_overwritten_in_place(tmp_path):
+    write_processed(tmp_path, [1, 2])
+    folder = tmp_path / "train"
+    first = load_images(str(folder), [1, 2], 64)
+    folder_times = os.stat(folder)
+    # same name, other pixels, written into the same file: the folder itself does not change
+    with open(folder / "2.png", "r+b") as f:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(buffer, format="PNG", compress_level=0)
+        f.seek(0)
+        f.write(buffer.getvalue())
+        f.truncate()
+    os.utime(folder, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    assert os.stat(folder).st_mtime_ns == folder_times.st_mtime_ns
+    again = load_images(str(folder), [1, 2], 64)
+    assert (again[1] == 7).all() and torch.equal(again[0], first[0]) and not (first[1] == 7).all()
+    cached = torch.load(tmp_path / "train_images.pt", weights_only=True)
+    assert (cached["images"][1] == 7).all()   # the cache on disk was rebuilt, not only this result
 
 
 @pytest.mark.parametrize("setup, fragment", [

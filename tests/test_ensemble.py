@@ -1,5 +1,6 @@
 """Ensembles: which checkpoints a spec names, the mean and spread over members x views, mixed
-crops, the submission and std files, the split check and the spread report, and plot_image."""
+crops, the submission and std files, the split check and the spread report, plot_image, and a
+member whose outputs are not finite."""
 from pathlib import Path
 import shutil
 import sys
@@ -15,8 +16,10 @@ from dataset import LABEL_COLUMNS, QUESTIONS, read_labels
 from galaxy.checkpoints import CheckpointError, load_model, read_checkpoint
 from galaxy.ensemble import load_members, predict_batch, resolve_checkpoints
 from galaxy.inference import predict_views
+import helpers
 from helpers import demo_config, one_line_error, run_script, save_checkpoint
 import plot_image
+import predict
 from predict import main as predict_main
 
 FAST = ["--workers=1", "--batch_size=16", "--amp=false", "--channels_last=false"]
@@ -148,3 +151,60 @@ def test_plot_image_with_two_checkpoints(ensemble, tmp_path, monkeypatch):
     plt.close("all")
     assert (tmp_path / f"galaxy_{galaxy_id}.png").stat().st_size > 20_000
     assert load_model(ensemble["paths"][1])[1].crop == "center"
+
+
+def test_an_evaluation_replaces_the_whole_set_of_an_earlier_one(ensemble, tmp_path, monkeypatch, capsys):
+    args = ["--split=test", f"--out_dir={tmp_path}", *ensemble["data_args"], *FAST]
+    run_main(monkeypatch, capsys, f"--checkpoint={ensemble['run_dir']}", "--tta", *args)
+    stale = ["eval_test_members.csv", "spread_test.csv", "spread_test.png"]
+    assert all((tmp_path / name).is_file() for name in stale)
+    out = run_main(monkeypatch, capsys, f"--checkpoint={ensemble['paths'][0]}", *args)
+    for name in stale:   # they were about the ensemble, not this checkpoint
+        assert not (tmp_path / name).exists() and f"removed {tmp_path / name}: an earlier run's" in out
+    assert (tmp_path / "eval_test.csv").is_file() and (tmp_path / "eval_test.png").is_file()
+
+
+def nan_for_some(model, rows):
+    """model, whose vote fractions (and features) become NaN for the given rows of each batch."""
+    forward = model.forward_with_features
+
+    def forward_with_features(images):
+        votes, features = forward(images)
+        votes, features = votes.clone(), features.clone()
+        votes[rows], features[rows] = float("nan"), float("nan")
+        return votes, features
+    model.forward_with_features = forward_with_features
+    return model
+
+
+def test_a_member_with_non_finite_outputs_is_named_and_nothing_is_written(ensemble, tmp_path, monkeypatch):
+    load_members = predict.load_members
+
+    def second_member_diverged(paths, device):
+        members, groups = load_members(paths, device)
+        nan_for_some(members[1].model, [1, 3])
+        return members, groups
+    monkeypatch.setattr(predict, "load_members", second_member_diverged)
+    args = [f"--checkpoint={ensemble['run_dir']}", f"--out_dir={tmp_path}", *ensemble["data_args"], *FAST]
+    for more in ([], ["--split=test"]):
+        message = helpers.main_error(monkeypatch, predict_main, "predict.py", *args, *more)
+        assert message.startswith(f"error: member {ensemble['paths'][1]} gives non-finite vote fractions for "
+                                   f"2 galaxies of a batch of 16 (first: ")
+        assert message.endswith("): it diverged; leave it out of --checkpoint")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".predict.lock"]   # nothing written
+
+
+def test_finite_weights_that_overflow_are_caught(ensemble, tmp_path):
+    """Weights a loader accepts (all finite) but whose products overflow to inf, then NaN."""
+    checkpoint = torch.load(ensemble["paths"][1], weights_only=True)
+    checkpoint["model"]["classifier.0.weight"].fill_(3e38)
+    (tmp_path / "member_1").mkdir()
+    shutil.copy(ensemble["paths"][1].parent / "split.csv", tmp_path / "member_1")
+    torch.save(checkpoint, tmp_path / "member_1" / "best.pt")
+    bad = tmp_path / "member_1" / "best.pt"
+    result = run_script("predict.py", f"--checkpoint={ensemble['paths'][0]},{bad}", "--embed",
+                        f"--out_dir={tmp_path}", *ensemble["data_args"], *FAST)
+    last_line = result.stderr.strip().splitlines()[-1]   # under the progress bar
+    assert result.returncode == 1 and last_line.startswith(f"error: member {bad} gives non-finite vote fractions "
+                                                           f"for 16 galaxies of a batch of 16 (first: ")
+    assert not (tmp_path / "submission.csv").exists() and not (tmp_path / "embeddings.npy").exists()

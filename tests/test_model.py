@@ -1,13 +1,16 @@
 import pytest
 import torch
 
-from config import Config
+from PIL import Image
+import numpy as np
+
+from config import MIN_IMAGE_SIZE, Config, build_config, max_workers
 from dataset import LABEL_COLUMNS, QUESTIONS, dihedral
-from galaxy.checkpoints import CheckpointError, load_model
+from galaxy.checkpoints import CheckpointError, load_model, load_state
 from galaxy.inference import predict, rmse
 from galaxy.numerics import NUMERICS_CANDIDATES, choose_numerics, numerics_name
-from helpers import run_script
-from model import DecisionTreeHead, GalaxyCNN, flat_features, layer_table
+from helpers import one_line_error, run_script, run_train, save_checkpoint
+from model import DecisionTreeHead, GalaxyCNN, build_model, feature_side, flat_features, layer_table
 
 
 def test_shapes_follow_the_seed_diagram():
@@ -46,6 +49,73 @@ def test_outputs_lie_in_the_open_unit_interval(output):
 def test_other_image_sizes_flatten_consistently():
     model = GalaxyCNN(image_size=96)
     assert model(torch.rand(1, 3, 96, 96)).shape == (1, 37)
+
+
+def test_the_smallest_image_size_is_the_one_the_network_takes():
+    # config.py restates the rule without torch: it must be the network's own, found by running it
+    assert min(side for side in range(1, 64) if feature_side(side)) == MIN_IMAGE_SIZE == 18
+    model = GalaxyCNN(image_size=MIN_IMAGE_SIZE, output="tree").eval()
+    assert model(torch.rand(2, 3, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE)).shape == (2, 37)
+    assert flat_features(MIN_IMAGE_SIZE) == 512
+    below = MIN_IMAGE_SIZE - 1
+    with pytest.raises(RuntimeError, match="Output size is too small"):   # torch's own layers refuse one less
+        model.features(torch.rand(1, 3, below, below))
+    with pytest.raises(ValueError, match=f"image_size {below} is too small for the network"):
+        GalaxyCNN(image_size=below)
+    with pytest.raises(ValueError, match="image_size must lie in 18..424"):
+        build_config({"image_size": below})
+    assert build_model(build_config({"image_size": MIN_IMAGE_SIZE})).classifier[0].in_features == 512
+
+
+def test_model_py_refuses_an_image_size_the_network_cannot_take():
+    for side in (16, 17):
+        assert "image_size must lie in 18..424" in one_line_error(run_script("model.py", f"--image_size={side}"))
+    result = run_script("model.py", "--image_size=18")
+    assert result.returncode == 0 and "linear 512 -> 1024" in result.stdout, result.stderr
+
+
+def nan_checkpoint(path, cfg):
+    """A checkpoint as train.py writes it whose first conv weight holds one NaN: a run that diverged."""
+    save_checkpoint(path, cfg)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"]["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_script(tmp_path, data_args):
+    path = nan_checkpoint(tmp_path / "diverged.pt", Config(image_size=64, output="tree"))
+    fix = "holds non-finite weights (NaN or inf, first in features.0.0.weight): it diverged; use an earlier " \
+          "checkpoint or retrain with a lower --lr"
+    with pytest.raises(CheckpointError, match=r"non-finite weights \(NaN or inf"):
+        load_model(path)
+    image = tmp_path / "galaxy.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
+    runs = {"predict.py": run_script("predict.py", f"--checkpoint={path}", f"--images={image}",
+                                     f"--out_dir={tmp_path / 'out'}", "--workers=1"),
+            "plot_image.py": run_script("plot_image.py", str(image), f"--checkpoint={path}",
+                                        f"--out_dir={tmp_path / 'out'}"),
+            "train.py --init_from": run_train(*data_args, f"--init_from={path}", "--epochs=1",
+                                              f"--out_dir={tmp_path / 'run'}", check=False)}
+    for script, result in runs.items():
+        assert f"checkpoint {path} {fix}" in one_line_error(result), script
+    assert not (tmp_path / "run" / "last.pt").exists() and not list((tmp_path / "out").glob("*.csv"))
+
+
+def test_resume_refuses_non_finite_weights_too():
+    # train.py --resume loads last.pt's weights through load_state, as --init_from does
+    state = GalaxyCNN(image_size=32).state_dict()
+    state["classifier.0.bias"][3] = float("inf")
+    with pytest.raises(CheckpointError, match=r"runs/last.pt holds non-finite weights .*classifier.0.bias"):
+        load_state(GalaxyCNN(image_size=32), state, "runs/last.pt")
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        load_state(GalaxyCNN(image_size=32), [1, 2], "runs/last.pt")
+
+
+def test_a_checkpoint_from_a_machine_with_more_cores_still_loads(tmp_path):
+    cfg = Config(image_size=32, workers=10 * max_workers(), threads=10 * max_workers())
+    _, loaded = load_model(save_checkpoint(tmp_path / "big_machine.pt", cfg))
+    assert loaded.workers == 10 * max_workers()
 
 
 def column_sum(values, question_number):
@@ -123,7 +193,7 @@ def test_auto_numerics_on_cpu_time_a_copy_and_leave_weights_and_randomness_alone
     assert torch.equal(rng, torch.get_rng_state())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and the dev machine have none)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_numerics_on_cuda_time_every_candidate_and_leave_weights_and_randomness_alone():
     device = torch.device("cuda")
     torch.manual_seed(0)

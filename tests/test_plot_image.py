@@ -99,7 +99,7 @@ def test_title_has_the_rmse_and_questions_have_paired_bars(demo):
     plt.close(fig)
 
 
-# --- bad input (issue #12) ---------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------
 
 def main_error(monkeypatch, *args):
     return helpers.main_error(monkeypatch, plot_image.main, "plot_image.py", *args)

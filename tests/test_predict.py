@@ -1,9 +1,11 @@
 """predict.py on the small synthetic set: the submission file, raw vs processed input, skipped
-images, test-time augmentation, and the per-question evaluation."""
+images, test-time augmentation, the per-question evaluation, and the output files as one set."""
+import io
 import math
 import os
 from pathlib import Path
 import shutil
+import signal
 import sys
 import zipfile
 
@@ -17,7 +19,7 @@ from dataset import LABEL_COLUMNS, QUESTIONS, dihedral, png_ids, read_labels
 from galaxy import ensemble, kaggle_raw
 from galaxy.ensemble import crop_sources, galaxy_tasks, load_crops
 from galaxy.evaluate import evaluation_table, question_rmse
-from galaxy.files import lock_folder
+from galaxy.files import csv_writer, file_path, file_text, lock_folder, signals_held
 from galaxy.inference import predict
 import helpers
 from helpers import REPO, demo_config, one_line_error, run_script, save_checkpoint, without_root_powers
@@ -227,7 +229,7 @@ def test_pngs_cropped_otherwise_fall_back_to_the_raw_jpegs(demo):
     assert all(where["png"] and where["raw"] for _, where in tasks)
 
 
-# --- bad input (issue #12) ---------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------
 
 def test_damaged_test_zip_is_a_one_line_error(demo, tmp_path, monkeypatch):
     archive = tmp_path / "raw" / "images_test_rev1.zip"
@@ -298,3 +300,59 @@ def test_truncated_test_png_is_skipped_and_reported(demo, tmp_path, monkeypatch,
     assert f"skipped 1 unreadable test images (1 of them get the training mean in the submission): {png.stem}" \
         in capsys.readouterr().out
     assert "unreadable file" in pd.read_csv(tmp_path / "submission_skipped.csv").reason[0]
+
+
+# --- the output files ------------------------------------------------------------------------------
+
+def test_file_text_is_undone_by_file_path():
+    names = [os.fsdecode(b"\xff\xfebad.jpg"), "a\rb.jpg", "a\nb\tc", "back\\slash", "\\x41 literal",
+             "comma, \"quote\"", "\u00fcn\u00efcode \u2603.jpg", "plain.jpg"]
+    for name in names:
+        assert file_path(file_text(name)) == name
+    assert file_text(names[0]) == "\\xff\\xfebad.jpg" and file_text(b"\xff\xfebad.jpg") == "\\xff\\xfebad.jpg"
+    assert file_text("a\rb.jpg") == "a\\x0db.jpg" and file_text("plain.jpg") == "plain.jpg"
+    assert file_text(100018) == "100018"
+
+
+def test_csv_writer_keeps_one_row_per_record(tmp_path):
+    names = ["car\rriage", "new\nline", "cr\r\nlf", "comma,name", 'quo"te', "space name", "\u00fcn\u00efcode",
+             os.fsdecode(b"\xff\xfe")]
+    path = tmp_path / "table.csv"
+    table = pd.DataFrame({"file": [file_text(name) for name in names], "value": np.arange(len(names)) / 3})
+    csv_writer(table, float_format="%.6f")(path)
+    table = pd.read_csv(path)
+    assert len(table) == len(names) and [file_path(text) for text in table["file"]] == names
+    assert len(path.read_text().splitlines()) == len(names) + 1   # no record spans two lines
+    assert pd.read_csv(io.StringIO(path.read_text()))["value"].tolist() == pytest.approx(table["value"].tolist())
+
+
+def test_signals_are_held_until_the_swap_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the swap")
+    assert done == ["the rest of the swap"]
+
+
+def test_a_submission_replaces_the_whole_set_of_an_earlier_one(demo, tmp_path, monkeypatch, capsys):
+    """An ensemble run with a skipped image, then one checkpoint on readable images: no _std or
+    _skipped file of the first run stays beside the second's submission."""
+    processed = tmp_path / "processed"
+    shutil.copytree(demo["processed_dir"], processed, ignore=shutil.ignore_patterns("*_images.pt"))
+    png = sorted((processed / "test").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:300])
+    out = tmp_path / "out"
+    args = [f"--checkpoint={demo['checkpoint']}", f"--raw_dir={demo['missing']}", f"--out_dir={out}", "--amp=false",
+            "--channels_last=false", *FAST]
+    monkeypatch.setattr(sys, "argv", ["predict.py", *args, f"--processed_dir={processed}", "--tta"])
+    predict_main()
+    assert (out / "submission_std.csv").is_file() and (out / "submission_skipped.csv").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["predict.py", *args, f"--processed_dir={demo['processed_dir']}"])
+    predict_main()
+    printed = capsys.readouterr().out
+    for name in ("submission_std.csv", "submission_skipped.csv"):
+        assert not (out / name).exists() and f"removed {out / name}: an earlier run's" in printed
+    submission = pd.read_csv(out / "submission.csv")
+    assert submission["GalaxyID"].tolist() == sorted(png_ids(demo["processed_dir"] / "test").tolist())

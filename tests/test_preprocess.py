@@ -255,3 +255,40 @@ def test_real_sample(tmp_path):
     assert len(list((tmp_path / "train").glob("*.png"))) == 3000
     assert len(list((tmp_path / "test").glob("*.png"))) == 200
     assert len(pd.read_csv(tmp_path / "labels.csv")) == 3000
+
+
+# --- a subset by GalaxyID (--ids) ---------------------------------------------------------------
+
+
+def test_ids_keep_only_the_listed_galaxies_of_both_splits(demo_raw, demo_processed, tmp_path):
+    train_ids = pd.read_csv(Path(demo_processed.processed_dir) / "labels.csv").GalaxyID.tolist()[:5]
+    test_ids = sorted(int(p.stem) for p in (Path(demo_processed.processed_dir) / "test").glob("*.png"))[:3]
+    absent = [1, 2]
+    listed = tmp_path / "ids.csv"
+    pd.DataFrame({"GalaxyID": train_ids + test_ids + absent, "note": "x"}).to_csv(listed, index=False)
+    out = tmp_path / "out"
+    _, summary = run({"raw_dir": str(demo_raw), "processed_dir": str(out), "ids": str(listed)})
+    assert summary["train"] == 5 and summary["test"] == 3
+    assert summary["skipped"] == {"listed in ids but not in raw_dir": 2}
+    assert pd.read_csv(out / "labels.csv").GalaxyID.tolist() == sorted(train_ids)
+    assert sorted(int(p.stem) for p in (out / "test").glob("*.png")) == test_ids
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped.galaxy_id.tolist() == absent and set(skipped.reason) == {"listed in ids but not in raw_dir"}
+    # one ID a line, no header: the same galaxies
+    text = tmp_path / "ids.txt"
+    text.write_text("\n".join(str(galaxy_id) for galaxy_id in train_ids + test_ids) + "\n")
+    _, again = run({"raw_dir": str(demo_raw), "processed_dir": str(out), "ids": str(text)})
+    assert again["present"] == 8 and again["written"] == 0 and not again["skipped"]
+
+
+def test_unusable_ids_files_are_one_line_errors_naming_the_file(demo_raw, tmp_path):
+    empty, wrong = tmp_path / "empty.csv", tmp_path / "wrong.csv"
+    empty.write_text("GalaxyID\n")
+    wrong.write_text("id\n1\n")
+    for path, fragment in ((empty, "holds no GalaxyID"), (wrong, "has no GalaxyID column"),
+                           (tmp_path / "missing.csv", "cannot read")):
+        with pytest.raises(DataError, match=fragment) as error:
+            run({"raw_dir": str(demo_raw), "processed_dir": str(tmp_path / "out"), "ids": str(path)})
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+    result = run_cli(f"--raw_dir={demo_raw}", f"--processed_dir={tmp_path / 'out'}", f"--ids={empty}")
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: --ids=") and not result.stdout

@@ -1,4 +1,4 @@
-"""preprocess.py against damaged or hostile input (issue #12): damaged zips, same-named zip
+"""preprocess.py against damaged or hostile input: damaged zips, same-named zip
 members, odd label rows, unwritable output folders, two runs at once, unforeseen errors."""
 import errno
 import os
@@ -233,3 +233,126 @@ def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_pngs_written(dem
     monkeypatch.undo()
     _, summary = run({"raw_dir": str(demo_raw), "processed_dir": str(out)})
     assert summary["present"] == 20 and summary["written"] == 112 - 20
+
+
+# --- special files and a worker that never returns ---------------------------------------------------
+
+needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="this system has no FIFOs (os.mkfifo)")
+
+
+def raw_folder(demo_raw, tmp_path, count):
+    """A raw_dir with the demo labels and the first count training JPEGs extracted into images_training_rev1/."""
+    raw = tmp_path / "raw"
+    folder = raw / "images_training_rev1"
+    folder.mkdir(parents=True)
+    shutil.copy(demo_raw / "training_solutions_rev1.zip", raw)
+    for name, data in demo_members(demo_raw, count).items():
+        (folder / Path(name).name).write_bytes(data)
+    return raw, folder
+
+
+@needs_fifos
+def test_special_files_in_the_raw_folder_are_skipped_and_listed(demo_raw, tmp_path):
+    raw, folder = raw_folder(demo_raw, tmp_path, 3)
+    os.mkfifo(folder / "817739.jpg")   # opening it would wait for a writer forever
+    (folder / "100001.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "x.jpg").mkdir()   # a folder named like a JPEG is just a folder
+    images, skipped = kaggle_raw.scan_images(raw, "train")
+    assert len(images) == 3 and {(r["galaxy_id"], r["reason"]) for r in skipped} == {
+        (817739, "not a regular file (FIFO)"), (100001, "not a regular file (broken link)")}
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=2")
+    assert result.returncode == 0, result.stderr
+    listed = pd.read_csv(out / "skipped.csv")
+    listed = listed[listed.reason.str.startswith("not a regular file")]
+    assert sorted(zip(listed.galaxy_id, listed.file, listed.reason)) == [
+        (100001, "images_training_rev1/100001.jpg", "not a regular file (broken link)"),
+        (817739, "images_training_rev1/817739.jpg", "not a regular file (FIFO)")]
+    assert len(list((out / "train").glob("*.png"))) == 3
+
+
+@needs_fifos
+def test_the_first_ctrl_c_ends_a_run_whose_worker_is_blocked(demo_raw, tmp_path):
+    """A worker stuck in open() on a FIFO (it became one after the scan): one SIGINT to the process
+    group, as a terminal's Ctrl-C sends, ends the run with 130 and leaves no worker waiting."""
+    raw, folder = raw_folder(demo_raw, tmp_path, 12)
+    fifo, started, out = tmp_path / "fifo", tmp_path / "blocked", tmp_path / "out"
+    os.mkfifo(fifo)
+    victim = sorted(folder.iterdir())[5].name
+    code = ("import os, sys, preprocess\n"
+            "from galaxy import preprocessing\n"
+            "read = preprocessing.read_raw\n"
+            "def read_or_block(raw_dir, reference):\n"
+            f"    if reference.endswith({victim!r}):\n"
+            f"        open({str(started)!r}, 'w').close()\n"
+            f"        with open({str(fifo)!r}, 'rb') as f:   # no writer: open() never returns\n"
+            "            return f.read()\n"
+            "    return read(raw_dir, reference)\n"
+            "preprocessing.read_raw = read_or_block\n"
+            "sys.argv[0] = 'preprocess.py'\n"
+            "preprocess.main()\n")
+    run = subprocess.Popen([sys.executable, "-c", code, f"--raw_dir={raw}", f"--processed_dir={out}", "--workers=2"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        while not started.exists():
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)   # let the other worker go on meanwhile
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            _, stderr = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run still waits for its blocked worker after the first Ctrl-C")
+        assert run.returncode == 130 and "interrupted: the PNGs already written are kept" in stderr, stderr
+        assert "Traceback" not in stderr, stderr
+        with pytest.raises(OSError) as no_reader:   # the blocked worker is gone: nothing opens the FIFO any more
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        assert no_reader.value.errno == errno.ENXIO
+        assert not list(out.rglob("*.tmp")) and not (out / "train" / victim.replace(".jpg", ".png")).exists()
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@needs_fifos
+def test_a_worker_deaf_to_the_nudge_is_terminated(tmp_path):
+    """A worker that even a signal cannot move (here: one that blocks the nudge) is terminated once
+    the pool has waited STOP_WAIT_S for it, so an ending run never hangs."""
+    fifo, started = tmp_path / "fifo", tmp_path / "blocked"
+    os.mkfifo(fifo)
+    code = ("import os, signal, sys, time\n"
+            "from galaxy import pool\n"
+            "pool.STOP_WAIT_S = 1.0\n"
+            "def task(i):\n"
+            "    if i == 0:\n"
+            "        signal.pthread_sigmask(signal.SIG_BLOCK, {pool.NUDGE})\n"
+            f"        open({str(started)!r}, 'w').close()\n"
+            f"        open({str(fifo)!r}, 'rb')\n"
+            "    time.sleep(0.05)\n"
+            "    return i\n"
+            "try:\n"
+            "    for result in pool.run_pool(task, range(20), 2, {}, 'test', progress=False):\n"
+            f"        while not os.path.exists({str(started)!r}):\n"
+            "            time.sleep(0.01)\n"
+            "        raise RuntimeError('the consumer stops')\n"
+            "except RuntimeError as err:\n"
+            "    sys.exit(f'ended: {err}')\n")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        try:
+            _, stderr = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("run_pool still waits for a worker that ignores the nudge")
+        assert run.returncode == 1 and stderr.strip() == "ended: the consumer stops", stderr
+        with pytest.raises(OSError) as no_reader:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        assert no_reader.value.errno == errno.ENXIO
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,14 +1,21 @@
 """Galaxies like this one: embeddings written by predict.py --embed, the nearest search, and
 plot_image.py --similar."""
+import json
+import shutil
 import sys
 
 from PIL import Image
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 
 from config import Config
-from galaxy.similar import nearest, read_embeddings, row_norms
+from dataset import DataError
+from galaxy.checkpoints import load_model
+from galaxy.crop import CROP_KEYS
+from galaxy.similar import EMBEDDINGS_FILE, SOURCE_FILE, nearest, read_embeddings, row_norms, weights_digest
+import helpers
 from helpers import blob, save_checkpoint
 import plot_image
 from predict import main as predict_main
@@ -85,3 +92,107 @@ def test_similar_without_embedding_or_checkpoint_is_an_error(embedded, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         plot_image.main()
     assert "has no embedding" in str(exit_info.value.code) and "--checkpoint" in str(exit_info.value.code)
+
+
+# --- embeddings that do not match -----------------------------------------------------------------
+
+def plot_error(monkeypatch, *args):
+    return helpers.main_error(monkeypatch, plot_image.main, "plot_image.py", *args)
+
+
+def copy_of(embedded, tmp_path):
+    return shutil.copytree(embedded["out_dir"], tmp_path / "embeddings")
+
+
+def test_embeddings_json_records_the_model_that_made_them(embedded):
+    record = json.loads((embedded["out_dir"] / SOURCE_FILE).read_text())
+    assert record["checkpoint"] == str(embedded["checkpoint"]) and record["tta"] is True
+    assert record["weights"] == weights_digest(load_model(embedded["checkpoint"])[0])
+    assert record["crop"] == {key: getattr(CFG, key) for key in CROP_KEYS}
+    assert (record["rows"], record["width"]) == (5, 2048)
+
+
+def test_a_truncated_embeddings_file_is_a_one_line_error(embedded, tmp_path, monkeypatch):
+    folder = copy_of(embedded, tmp_path)
+    path = folder / EMBEDDINGS_FILE
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"embeddings.npy is damaged or incomplete \(mmap length is greater"):
+        read_embeddings(folder)
+    message = plot_error(monkeypatch, str(embedded["folder"] / "g1.png"), "--similar=2", f"--embeddings={folder}",
+                         f"--out_dir={tmp_path}")
+    assert f"{path} is damaged or incomplete" in message
+    assert "predict.py --checkpoint=... --split=all --embed" in message
+    path.write_text("not numpy at all")
+    with pytest.raises(DataError, match="is damaged or incomplete"):
+        read_embeddings(folder)
+
+
+def test_embeddings_of_another_checkpoint_are_refused(embedded, tmp_path, monkeypatch):
+    query, folder = str(embedded["folder"] / "g1.png"), embedded["out_dir"]
+    other = save_checkpoint(tmp_path / "other.pt", CFG, seed=1)
+    message = plot_error(monkeypatch, query, "--similar=2", f"--embeddings={folder}", f"--checkpoint={other}",
+                         f"--out_dir={tmp_path}")
+    assert (f"the embeddings in {folder} were made by {embedded['checkpoint']}, not by --checkpoint={other} "
+            f"(other weights)") in message and f"predict.py --checkpoint={other} --split=all --embed" in message
+    # another crop on the same weights is another model as well
+    cropped = tmp_path / "cropped.pt"
+    checkpoint = torch.load(embedded["checkpoint"], weights_only=True)
+    checkpoint["config"]["center_crop_size"] = 80
+    torch.save(checkpoint, cropped)
+    assert "(center_crop_size 64 there, 80 here)" in plot_error(
+        monkeypatch, query, "--similar=2", f"--embeddings={folder}", f"--checkpoint={cropped}", f"--out_dir={tmp_path}")
+
+    # a galaxy that is not in the set gets its features computed: with the embeddings' tta, too
+    new = tmp_path / "new.png"
+    Image.open(embedded["folder"] / "g2.png").save(new)
+    copied = shutil.copy(embedded["checkpoint"], tmp_path / "same_weights.pt")   # the weights count, not the path
+    assert "(tta true there, false here)" in plot_error(monkeypatch, str(new), "--similar=2", f"--embeddings={folder}",
+                                                        f"--checkpoint={copied}", f"--out_dir={tmp_path}")
+    for args in ([query, "--similar=2"], [str(new), "--similar=2", "--tta"]):
+        monkeypatch.setattr(sys, "argv", ["plot_image.py", *args, f"--embeddings={folder}", f"--checkpoint={copied}",
+                                          f"--out_dir={tmp_path}"])
+        plot_image.main()
+        plt.close("all")
+
+    unknown = copy_of(embedded, tmp_path)
+    (unknown / SOURCE_FILE).unlink()   # embeddings written before the record existed
+    assert f"{unknown} has no readable {SOURCE_FILE}, so which checkpoint made its embeddings is unknown" in plot_error(
+        monkeypatch, query, "--similar=2", f"--embeddings={unknown}", f"--checkpoint={copied}", f"--out_dir={tmp_path}")
+
+
+def test_rows_that_are_not_finite_are_never_ranked():
+    rng = np.random.default_rng(1)
+    embeddings = np.abs(rng.standard_normal((300, 16))).astype(np.float16)
+    query = embeddings[0].astype(np.float32)
+    bad = [3, 50, 299]
+    embeddings[3, 5], embeddings[50] = np.nan, np.inf
+    embeddings[299] = np.nan
+    norms = row_norms(embeddings)
+    norms[299] = 1.0   # a stale norm from before the row went bad: the row's similarity still tells
+    left_out = []
+    rows, similarities = nearest(embeddings, query, 300, exclude=[0], norms=norms, left_out=left_out)
+    assert sorted(left_out) == bad and not set(bad) & set(rows.tolist()) and 0 not in rows
+    assert len(rows) == 300 - 1 - len(bad) and np.isfinite(similarities).all()
+    assert (np.diff(similarities) <= 1e-6).all()   # best first
+    assert len(nearest(embeddings, np.full(16, np.nan, np.float32), 5)[0]) == 0
+
+
+def test_plot_image_leaves_out_embeddings_that_are_not_finite(embedded, tmp_path, monkeypatch, capsys):
+    folder = copy_of(embedded, tmp_path)
+    embeddings, ids = read_embeddings(folder)
+    names = [name.rsplit("/", 1)[-1] for name in ids["id"]]
+    poisoned = np.array(embeddings)
+    poisoned[names.index("g0_turned.png")] = np.nan   # the one most like g0
+    with open(folder / EMBEDDINGS_FILE, "wb") as f:
+        np.save(f, poisoned)
+    query = str(embedded["folder"] / "g0.png")
+    monkeypatch.setattr(sys, "argv", ["plot_image.py", query, "--similar=4", f"--embeddings={folder}",
+                                      f"--out_dir={tmp_path}"])
+    plot_image.main()
+    titles = [ax.get_title() for ax in plt.gcf().get_axes() if "cos " in ax.get_title()]
+    plt.close("all")
+    assert len(titles) == 3 and not any("nan" in title or title.startswith("g0_turned") for title in titles)
+    assert "left out 1 of the 5 embeddings" in capsys.readouterr().out
+    message = plot_error(monkeypatch, str(embedded["folder"] / "g0_turned.png"), "--similar=2",
+                         f"--embeddings={folder}", f"--out_dir={tmp_path}")
+    assert "g0_turned.png stored in" in message and "holds NaN or inf" in message

@@ -14,7 +14,7 @@ import torch
 from config import Config, parse_overrides
 from dataset import LABEL_COLUMNS
 from galaxy.checkpoints import load_model
-from galaxy.training import make_optimizer
+from galaxy.training import make_optimizer, train_step
 from helpers import SMALL, one_line_error, run_script, run_train, same_weights, weights, without_root_override
 from model import GalaxyCNN
 import train
@@ -42,19 +42,24 @@ def test_training_writes_checkpoints_metrics_and_plot(full_run):
                                             dtype=torch.float32))
 
 
+def train_here(*args):
+    """train.py's train_run in this process, so a test can patch it; its signal handlers and threads are put back."""
+    handlers, threads = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.get_num_threads()
+    try:
+        return train.train_run(parse_overrides(list(args))[0])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+
+
 def test_loss_plot_is_drawn_at_most_every_few_seconds_and_after_the_last_epoch(data_args, tmp_path, monkeypatch):
     """metrics.csv every epoch, loss.png only when PLOT_EVERY_S have passed and after the last epoch:
     on a GPU a small set's epoch can take less time than drawing the plot."""
     drawn, draw = [], train.write_metrics
     monkeypatch.setattr(train, "write_metrics", lambda *args: drawn.append(args[-1]) or draw(*args))
     monkeypatch.setattr(train, "PLOT_EVERY_S", 3600)
-    handlers, threads = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.get_num_threads()
-    try:   # in this process, so the plot clock can be set; train.py's signal handlers and threads are put back
-        assert train.train_run(parse_overrides([*data_args, "--epochs=3", f"--out_dir={tmp_path}"])[0]) == 0
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        torch.set_num_threads(threads)
+    assert train_here(*data_args, "--epochs=3", f"--out_dir={tmp_path}") == 0
     assert drawn == [True, False, True]   # the first epoch's, none for the next hour, the last epoch's
     assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2, 3] and (tmp_path / "loss.png").is_file()
 
@@ -176,6 +181,90 @@ def test_two_process_gloo_run(data_args, tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["global_step"] == 3
 
 
+# --- a diverging run ---------------------------------------------------------------------------
+# the demo set's 76 training galaxies at batch_size 16: 4 steps an epoch
+
+def all_finite(path):
+    return all(torch.isfinite(tensor).all() for tensor in weights(path).values() if tensor.is_floating_point())
+
+
+def last_error_line(stderr):
+    """The line after the progress bars: the run's one-line error."""
+    assert "Traceback" not in stderr, stderr[-2000:]
+    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_a_learning_rate_far_too_high_stops_at_the_first_nan_loss_and_saves_nothing(data_args, tmp_path):
+    result = run_train(*data_args, "--epochs=3", "--lr=1e20", f"--out_dir={tmp_path}", check=False)
+    error = last_error_line(result.stderr)
+    assert result.returncode == 1 and error.startswith("error: the training loss is nan at step "), error
+    assert "(epoch 1, batch" in error and "the learning rate is probably too high for this data: try a lower --lr" \
+        in error and "nothing of this run was saved" in error
+    assert not list(tmp_path.glob("*.pt")) and "test RMSE" not in result.stdout
+
+
+def test_a_resumed_run_that_diverges_keeps_last_pt_from_before(full_run, tmp_path):
+    for name in ("last.pt", "best.pt", "split.csv", "metrics.csv"):
+        shutil.copy(full_run[0] / name, tmp_path / name)
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.csv")}
+    result = run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=3", "--lr=1e20", check=False)
+    error = last_error_line(result.stderr)
+    assert result.returncode == 1 and "(epoch 3, batch" in error, error
+    assert f"{tmp_path}/last.pt is kept from step 8, before the divergence" in error
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before   # not a byte written
+    assert all_finite(tmp_path / "last.pt")
+
+
+def nan_at(step, poison_weights=False):
+    """train_step, but its step-th call returns a nan loss, or (poison_weights) leaves nan weights
+    behind a finite loss, as the last step before a save may."""
+    calls = []
+
+    def patched(model, *args):
+        loss = train_step(model, *args)
+        calls.append(step)
+        if len(calls) == step and poison_weights:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return torch.tensor(float("nan")) if len(calls) == step and not poison_weights else loss
+    return patched
+
+
+@pytest.mark.parametrize("step, poison_weights, args, said, kept_step", [
+    (6, False, [], "the training loss is nan at step 6 (epoch 2, batch 2 of 4)", 4),
+    (8, True, [], "the validation RMSE is not finite after epoch 2 (step 8)", 4),
+    (10, True, ["--train_on_val"], "the weights are not finite after step 10", 5),   # 86 galaxies: 5 steps
+    (3, True, ["--max_steps=3"], "the weights are not finite after step 3", None),
+])
+def test_non_finite_loss_or_weights_are_never_saved(data_args, tmp_path, monkeypatch, capsys, step, poison_weights,
+                                                     args, said, kept_step):
+    """Mid-epoch, at an epoch's end (with or without val) and at a max_steps stop: the run ends with
+    exit code 1 and the one-line error, and every checkpoint on disk is from before, with finite weights."""
+    monkeypatch.setattr(train, "train_step", nan_at(step, poison_weights))
+    assert train_here(*data_args, "--epochs=3", f"--out_dir={tmp_path}", *args) == 1
+    error = last_error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: {said}: the learning rate is probably too high"), error
+    if kept_step is None:
+        assert not list(tmp_path.glob("*.pt")) and "nothing of this run was saved" in error
+        return
+    assert f"last.pt is kept from step {kept_step}, before the divergence" in error
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(tmp_path / name, weights_only=True)
+        assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, kept_step) and all_finite(tmp_path / name)
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1]
+
+
+def test_two_process_run_stops_together_at_a_nan_loss(data_args, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), *data_args, "--epochs=1", "--lr=1e20", f"--out_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # rank 0 says why; torchrun then reports the failed processes
+    assert result.returncode != 0 and result.stderr.count("error: the training loss is") == 1, result.stderr[-3000:]
+    assert "exitcode  : 1" in result.stderr and not list(tmp_path.glob("*.pt"))
+
+
+# --- impossible requests ------------------------------------------------------------------------
+
 @pytest.mark.parametrize("args, fragment", [
     (["--batch_size=0"], "batch_size must be a positive integer"),
     (["--lr=-0.1"], "lr must be positive"),
@@ -243,7 +332,7 @@ def test_checkpoint_records_the_crop_the_pngs_were_made_with(demo_processed, tmp
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["crop"] == "center"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI and the dev machine have none)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_run_with_bf16_and_channels_last_loads_on_cpu(data_args, tmp_path):
     result = run_train(*data_args, "--device=cuda", "--amp=true", "--channels_last=true", "--epochs=2",
                        f"--out_dir={tmp_path}")

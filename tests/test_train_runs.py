@@ -47,7 +47,7 @@ def wait_for(condition, process, timeout=120):
         time.sleep(0.02)
 
 
-# --- resume with changed settings (issues #10, #12) ---------------------------------------
+# --- resume with changed settings ----------------------------------------------------------
 
 def test_every_config_key_is_either_changeable_or_fixed_on_resume():
     changeable, fixed = set(CHANGEABLE_ON_RESUME), set(FIXED_ON_RESUME)
@@ -75,8 +75,8 @@ def test_resumed_schedule_continues_exactly_and_replans_over_new_epochs(schedule
 
 def test_extending_a_run_replans_the_schedule_and_refuses_fewer_epochs(data_args, tmp_path):
     run_train(*data_args, "--epochs=1", f"--out_dir={tmp_path}")
-    # issue #10: this crashed at the first step of epoch 2 (the scheduler kept its old total);
-    # --lr changes the peak of the re-planned one-cycle schedule (it was ignored yet recorded)
+    # the schedule is re-planned over the new total (the old one would end at epoch 1's last step),
+    # and --lr changes the peak of the re-planned one-cycle schedule as well as the recorded config
     run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=2", "--lr=1e-2")
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["config"]["epochs"] == 2 and last["config"]["lr"] == 1e-2
@@ -89,15 +89,26 @@ def test_extending_a_run_replans_the_schedule_and_refuses_fewer_epochs(data_args
 
 
 @pytest.mark.parametrize("args, named", [
-    (["--batch_size=8"], "batch_size 16 -> 8"),      # died mid-epoch: "Tried to step 23 times"
-    (["--batch_size=32"], "batch_size 16 -> 32"),    # silently skipped the rest of the epoch
-    (["--schedule=cosine", "--seed=7"], "schedule onecycle -> cosine, seed 1337 -> 7"),   # KeyError: '_schedulers'
+    (["--batch_size=8"], "batch_size 16 -> 8"),      # the saved mid-epoch step would mean other images
+    (["--batch_size=32"], "batch_size 16 -> 32"),    # and with fewer steps, part of the epoch would be skipped
+    (["--schedule=cosine", "--seed=7"], "schedule onecycle -> cosine, seed 1337 -> 7"),   # another schedule's state
     (["--ema=0.99"], "ema 0.0 -> 0.99"),   # last.pt would have no average to go on from
 ])
 def test_resume_refuses_keys_that_define_the_run(full_run, tmp_path, args, named):
     out_dir = copy_run(full_run[0], tmp_path / "run")
     result = run_train(f"--out_dir={out_dir}", "--resume", "--epochs=3", *args, check=False)
     assert f"--resume cannot change {named}" in one_line_error(result)
+
+
+def test_a_run_from_a_bigger_machine_resumes_with_this_machines_workers(full_run, tmp_path):
+    out_dir = copy_run(full_run[0], tmp_path / "run")
+    checkpoint = torch.load(out_dir / "last.pt", weights_only=True)
+    checkpoint["config"].update(workers=1000, threads=500, members_at_once=300)   # a 256-core machine's
+    torch.save(checkpoint, out_dir / "last.pt")
+    cfg, _ = runs.parse_config({"out_dir": str(out_dir), "resume": True, "epochs": 3})
+    assert (cfg.workers, cfg.threads, cfg.members_at_once) == (Config().workers, 0, 1)
+    cfg, _ = runs.parse_config({"out_dir": str(out_dir), "resume": True, "epochs": 3, "workers": 1})
+    assert cfg.workers == 1
 
 
 # --- fine-tuning and ensembles ----------------------------------------------------------
@@ -202,7 +213,7 @@ def test_second_run_into_a_locked_out_dir_fails_fast_until_the_holder_dies(data_
     run_train(*data_args, "--max_steps=1", f"--out_dir={tmp_path}")   # the kernel dropped the dead holder's lock
 
 
-# --- kills and crashes (issue #12) ---------------------------------------------------------
+# --- kills and crashes ----------------------------------------------------------------------
 
 def test_missing_best_pt_is_rebuilt_from_last_pt(full_run, tmp_path):
     out_dir = copy_run(full_run[0], tmp_path / "run")   # as if killed between last.pt and best.pt

@@ -1,0 +1,171 @@
+"""bench.py curve's fit and figure: RMSE(N) = a + b N^-c fitted by bounded least squares to the mixed
+curve's test RMSE (8-fold TTA, the mean over seeds at each N), extrapolated to Kaggle's 61,578 training
+galaxies with an interval from a bootstrap over the test galaxies, and learning_curve.png."""
+import json
+from pathlib import Path
+import warnings
+
+from matplotlib.figure import Figure  # no pyplot: files only, whatever the backend
+from matplotlib.ticker import FuncFormatter, NullLocator
+import numpy as np
+from scipy.optimize import OptimizeWarning, curve_fit
+
+from galaxy.files import atomic_write
+
+KAGGLE_N = 61_578       # galaxies in Kaggle's training set
+RESAMPLES = 1000
+N_SCALE = 1000.0        # the fit works in thousands of galaxies: b then stays near the RMSE's size
+# Single models trained on all of Kaggle's training set, scored on its test set (leaderboard RMSE)
+KAGGLE_ANCHORS = (
+    (0.0769, "Kaggle 1st place, best single model (69x69 views)", "tab:red", "-"),
+    (0.0774, "3M-parameter CNN, 128x128, public PyTorch reimplementation", "tab:purple", "--"),
+    (0.0814, "Kaggle 2nd place, single network", "tab:brown", "-."),
+)
+CURVE_STYLE = {"mixed": ("tab:blue", "o", "mixed: sample + more"),
+               "sample_only": ("tab:orange", "s", "sample only"),
+               "best_recipe": ("tab:green", "D", "best per-member recipe (mixed)")}
+
+
+def power_law(n, a, b, c):
+    return a + b * np.power(n, -c)
+
+
+def fit_power_law(n, y, start=None):
+    """(a, b, c) of the least-squares fit of a + b n^-c to the points, with a >= 0, b > 0, 0 < c < 2.
+    Tries a few starting exponents (or start, an earlier fit) and keeps the best; RuntimeError if none fits."""
+    # in units of thousands of galaxies and of the mean RMSE: every parameter then starts near 1
+    scale = float(np.mean(y))
+    x, y = np.asarray(n, np.float64) / N_SCALE, np.asarray(y, np.float64) / scale
+    if start is not None:
+        a, b, c = start
+        starts = [(a / scale, b / scale / N_SCALE ** c, c)]
+    else:
+        a0 = 0.9 * y.min()
+        starts = [(a0, max((y.max() - a0) * x.min() ** c0, 1e-6), c0) for c0 in (0.3, 0.7, 1.2)]
+    best, best_error = None, np.inf
+    for p0 in starts:
+        p0 = (max(p0[0], 0.0), max(p0[1], 1e-9), min(max(p0[2], 1e-3), 1.99))   # strictly inside the bounds
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OptimizeWarning)
+                params, _ = curve_fit(power_law, x, y, p0=p0, bounds=([0, 1e-12, 1e-6], [np.inf, np.inf, 2]),
+                                      maxfev=20000, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+        except (RuntimeError, ValueError):
+            continue
+        error = np.sum((power_law(x, *params) - y) ** 2)
+        if error < best_error:
+            best, best_error = params, error
+    if best is None:
+        raise RuntimeError("no power law fits these points")
+    a, b, c = best
+    return float(a * scale), float(b * scale * N_SCALE ** c), float(c)   # b' (n/S)^-c = b' S^c n^-c
+
+
+def size_means(per_galaxy, sizes):
+    """(distinct sizes, RMSE at each: the mean over its points of each point's RMSE) from the per-galaxy
+    mean squared errors per point (P, galaxies)."""
+    rmse = np.sqrt(per_galaxy.mean(axis=-1))
+    distinct = np.unique(sizes)
+    return distinct, np.array([rmse[..., sizes == n].mean(-1) for n in distinct]).T
+
+
+def bootstrap_fits(per_galaxy, sizes, start, resamples=RESAMPLES, seed=0):
+    """(fits (B, 3) of each resample of the test galaxies (the same galaxies for every point), failed count)."""
+    per_galaxy, sizes = np.asarray(per_galaxy, np.float64), np.asarray(sizes)
+    rng = np.random.default_rng(seed)
+    n_galaxies = per_galaxy.shape[1]
+    fits, failed = [], 0
+    for _ in range(resamples):
+        chosen = rng.integers(0, n_galaxies, n_galaxies)
+        distinct, rmse = size_means(per_galaxy[:, chosen], sizes)
+        try:
+            fits.append(fit_power_law(distinct, rmse, start))
+        except RuntimeError:
+            failed += 1
+    return np.array(fits).reshape(-1, 3), failed
+
+
+def interval(values, level):
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def fit_curve(rows, results, resamples=RESAMPLES):
+    """Fit the mixed curve's points in rows (learning_curve.csv's table) and bootstrap its extrapolation;
+    print the result and write results/fit.json. None, with a message, below 3 distinct sizes."""
+    mixed = rows[rows["curve"] == "mixed"]
+    if mixed["n_train"].nunique() < 3:
+        print(f"fit skipped: the mixed curve has points at {mixed['n_train'].nunique()} sizes; fitting a + b N^-c "
+              f"needs 3 or more")
+        return None
+    per_galaxy = np.stack([np.load(Path(results) / point / "test_squared_error.npy").mean(1)
+                           for point in mixed["point"]])
+    sizes = mixed["n_train"].to_numpy()
+    distinct, rmse = size_means(per_galaxy, sizes)
+    a, b, c = fit_power_law(distinct, rmse)
+    fits, failed = bootstrap_fits(per_galaxy, sizes, (a, b, c), resamples)
+    at_kaggle = power_law(KAGGLE_N, *fits.T)
+    fit = {"formula": "RMSE(N) = a + b * N**(-c)", "curve": "mixed", "metric": "test RMSE with 8-fold TTA, "
+           "the mean over seeds at each N", "a": a, "b": b, "c": c, "sizes": distinct.tolist(),
+           "rmse": rmse.round(5).tolist(), "points": len(mixed), "n_test": per_galaxy.shape[1],
+           "extrapolate_to": KAGGLE_N, "rmse_at": power_law(KAGGLE_N, a, b, c),
+           "interval_68": interval(at_kaggle, 0.68), "interval_95": interval(at_kaggle, 0.95),
+           "bootstrap": {"resamples": resamples, "failed": failed, "over": "the test galaxies"},
+           "note": "the interval is the test galaxies' sampling error alone: not the seeds' spread, nor whether "
+                   "the power law holds beyond the measured sizes"}
+    atomic_write(Path(results) / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=1) + "\n"))
+    print(f"fit: RMSE(N) = {a:.4f} + {b:.4g} N^-{c:.3f} over {len(distinct)} sizes ({len(mixed)} points); "
+          f"at N = {KAGGLE_N:,}: {fit['rmse_at']:.4f} (68%: {fit['interval_68'][0]:.4f}-{fit['interval_68'][1]:.4f}, "
+          f"95%: {fit['interval_95'][0]:.4f}-{fit['interval_95'][1]:.4f}; {resamples} resamples of the "
+          f"{per_galaxy.shape[1]} test galaxies{f', {failed} failed' if failed else ''}); saved "
+          f"{Path(results) / 'fit.json'}")
+    return {**fit, "fits": fits}
+
+
+def draw_figure(rows, fit, path):
+    """learning_curve.png: each curve's points (one per seed, a line through their means), the fit, its
+    extrapolation to KAGGLE_N with the bootstrap's 68% and 95% bands, Kaggle's single models on the full
+    set and predicting the mean."""
+    fig = Figure(figsize=(10, 8))
+    ax = fig.add_subplot()
+    for curve, (color, marker, label) in CURVE_STYLE.items():
+        points = rows[rows["curve"] == curve]
+        if not len(points):
+            continue
+        ax.scatter(points["n_train"], points["test_rmse_tta"], color=color, marker=marker, s=18, alpha=0.45)
+        means = points.groupby("n_train")["test_rmse_tta"].mean()
+        ax.plot(means.index, means.to_numpy(), color=color, marker=marker, label=label)
+    low = rows["n_train"].min()
+    if fit is not None:
+        grid = np.geomspace(low, KAGGLE_N, 200)
+        bands = power_law(grid[None, :], *(fit["fits"].T[:, :, None]))
+        for level, alpha in ((0.95, 0.12), (0.68, 0.25)):
+            ax.fill_between(grid, *np.percentile(bands, [(1 - level) * 50, 100 - (1 - level) * 50], axis=0),
+                            color="tab:blue", alpha=alpha, lw=0, label=f"{level:.0%} bootstrap band")
+        ax.plot(grid, power_law(grid, fit["a"], fit["b"], fit["c"]), color="tab:blue", ls=":",
+                label=f"fit to the mixed curve: {fit['a']:.4f} + {fit['b']:.3g} $N^{{-{fit['c']:.2f}}}$")
+        lo, hi = fit["interval_68"]
+        ax.errorbar([KAGGLE_N], [fit["rmse_at"]], yerr=[[fit["rmse_at"] - lo], [hi - fit["rmse_at"]]],
+                    color="tab:blue", marker="*", ms=12, capsize=4,
+                    label=f"extrapolated to {KAGGLE_N:,}: {fit['rmse_at']:.4f} (68%: {lo:.4f}-{hi:.4f})")
+    for value, label, color, style in KAGGLE_ANCHORS:
+        ax.axhline(value, color=color, ls=style, lw=1, label=f"{label}, full training set: {value}")
+    mean_rmse = rows.loc[rows["n_train"].idxmax(), "mean_rmse"]
+    ax.axhline(mean_rmse, color="gray", ls="--", lw=1, label=f"predict the mean: {mean_rmse:.4f}")
+    ax.axvline(KAGGLE_N, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(low / 1.3, KAGGLE_N * 1.3)
+    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000, 30000) if low / 1.3 <= t <= KAGGLE_N / 1.5]
+    ax.set_xticks(ticks + [KAGGLE_N])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.set_xlabel("training galaxies N (log scale; 61,578 = Kaggle's whole training set)")
+    ax.set_ylabel("test RMSE over the 37 vote fractions (8-fold TTA)")
+    n_test = f"{fit['n_test']} " if fit is not None else ""
+    ax.set_title(f"Test RMSE against training galaxies, on the same {n_test}test galaxies of the 3,000-galaxy sample\n"
+                 f"(small markers: one seed each; lines join their means)", fontsize=11)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    print(f"saved {path}")

@@ -1,0 +1,163 @@
+"""The calibrated sigma: fitting on data with known noise recovers it, coverage on fresh draws,
+the single-model case, the JSON file, the coverage table and curve, the plot, the clip and bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS
+from galaxy.calibration import (MAX_SIGMA, MIN_FLOOR, calibrated_sigma, calibration_curve, calibration_mismatch,
+                                coverage_table, fit_calibration, from_json, load_calibration, plot_calibration,
+                                save_calibration, to_json)
+from galaxy.files import DataError
+
+NOISE = np.linspace(0.02, 0.2, NUM_OUTPUTS)   # each output's own typical error
+SPREAD_FRACTION = 0.3                          # the raw spread is 0.3 of the true sigma: members under-spread
+
+
+def draw(galaxies, seed, spread=True):
+    """(predictions, truth, spread, true sigma): each galaxy's sigma varies around its output's NOISE, and the
+    spread it comes with is SPREAD_FRACTION of it; without spread the sigma is NOISE for all."""
+    rng = np.random.default_rng(seed)
+    truth = rng.uniform(0, 1, (galaxies, NUM_OUTPUTS))
+    sigma = NOISE * (rng.uniform(0.4, 1.6, (galaxies, NUM_OUTPUTS)) if spread else 1.0)
+    predictions = truth + rng.normal(size=truth.shape) * sigma
+    return predictions, truth, SPREAD_FRACTION * sigma if spread else None, sigma
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    predictions, truth, spread, _ = draw(2000, seed=0)
+    return fit_calibration(predictions, truth, spread, members=2, tta=True)
+
+
+def test_fit_recovers_the_spread_scale(fitted):
+    scale = np.array(fitted["scale"])
+    np.testing.assert_allclose(np.median(scale), 1 / SPREAD_FRACTION, rtol=0.05)
+    assert (np.abs(scale - 1 / SPREAD_FRACTION) < 0.2 / SPREAD_FRACTION).all()   # each output, not just overall
+    # the spread explains the noise, so the floor and the p(1-p) term stay small beside it
+    assert np.median(fitted["floor"]) < 0.3 * np.median(NOISE)
+
+
+def test_coverage_on_fresh_draws(fitted):
+    predictions, truth, spread, _ = draw(3000, seed=1)
+    table = coverage_table(predictions, calibrated_sigma(fitted, predictions, spread), truth).set_index("question")
+    assert list(table.index) == ["all"] + [f"Q{q.number}" for q in QUESTIONS]
+    assert abs(table.loc["all", "observed_1sigma"] - 68.3) < 2
+    assert abs(table.loc["all", "observed_2sigma"] - 95.4) < 2
+    assert (table["nominal_1sigma"] == 68.3).all() and (table["nominal_2sigma"] == 95.4).all()
+    # the raw spread as an error bar covers far too little: what calibration is for
+    raw = coverage_table(predictions, spread, truth).set_index("question")
+    assert raw.loc["all", "observed_1sigma"] < 30
+
+
+def test_zero_spread_is_the_per_output_rmse():
+    predictions, truth, _, _ = draw(500, seed=2, spread=False)
+    rmse = np.sqrt(((predictions - truth) ** 2).mean(0))
+    calibration = fit_calibration(predictions, truth, spread=None, shape=False, match_coverage=False)
+    np.testing.assert_allclose(calibration["floor"], rmse, rtol=1e-3)
+    assert calibration["coverage_factor"] == [1.0] * NUM_OUTPUTS
+    assert calibration["scale"] == [0.0] * NUM_OUTPUTS and calibration["shape"] == [0.0] * NUM_OUTPUTS
+    sigma = calibrated_sigma(calibration, predictions, np.zeros_like(predictions))
+    np.testing.assert_allclose(sigma, np.broadcast_to(rmse, sigma.shape), rtol=1e-3)
+    # matching the coverage leaves Gaussian errors' sigma about where it was
+    matched = fit_calibration(predictions, truth, spread=None, shape=False)
+    np.testing.assert_allclose(np.median(matched["floor"] / rmse), 1, atol=0.05)
+    # with the p(1-p) term too it stays calibrated on average
+    fresh, fresh_truth, _, _ = draw(3000, seed=3, spread=False)
+    with_shape = fit_calibration(predictions, truth)
+    table = coverage_table(fresh, calibrated_sigma(with_shape, fresh), fresh_truth).set_index("question")
+    assert abs(table.loc["all", "observed_1sigma"] - 68.3) < 2 and abs(table.loc["all", "observed_2sigma"] - 95.4) < 2
+
+
+def test_shape_term_follows_errors_that_shrink_near_0_and_1():
+    rng = np.random.default_rng(4)
+    predictions = rng.uniform(0, 1, (2000, NUM_OUTPUTS))   # a model's outputs lie in [0, 1]
+    truth = predictions + rng.normal(size=predictions.shape) * 0.3 * np.sqrt(predictions * (1 - predictions))
+    calibration = fit_calibration(predictions, truth)
+    assert np.median(calibration["shape"]) > 0.2 and np.median(calibration["floor"]) < 0.05
+    sigma = calibrated_sigma(calibration, np.full((2, NUM_OUTPUTS), 0.02) + [[0], [0.48]])
+    assert (sigma[0] < 0.5 * sigma[1]).all()
+
+
+def test_heavy_tailed_errors_get_both_levels_close():
+    """Most errors tiny, a few large (as on the deeper questions): the likelihood's sigma, their RMS, covers
+    far more than 68% within +-1 sigma; the matched one misses 68% and 95% by a few points at most."""
+    def heavy(galaxies, seed):
+        rng = np.random.default_rng(seed)
+        predictions = rng.uniform(0, 1, (galaxies, NUM_OUTPUTS))
+        return predictions, predictions + rng.standard_t(3, predictions.shape) * NOISE
+    predictions, truth = heavy(3000, seed=8)
+    fresh, fresh_truth = heavy(3000, seed=9)
+    misses = []
+    for match in (False, True):
+        calibration = fit_calibration(predictions, truth, shape=False, match_coverage=match)
+        row = coverage_table(fresh, calibrated_sigma(calibration, fresh), fresh_truth).iloc[0]
+        misses.append(max(abs(row["observed_1sigma"] - 68.27), abs(row["observed_2sigma"] - 95.45)))
+    assert misses[0] > 10 and misses[1] < 5
+
+
+def test_json_round_trip(fitted, tmp_path):
+    assert from_json(to_json(fitted)) == fitted
+    path = save_calibration(fitted, tmp_path)
+    assert path == str(tmp_path / "calibration.json")
+    assert load_calibration(tmp_path) == fitted == json.loads((tmp_path / "calibration.json").read_text())
+    assert fitted["columns"] == LABEL_COLUMNS and fitted["members"] == 2 and fitted["tta"] is True
+    predictions, _, spread, _ = draw(10, seed=5)
+    np.testing.assert_array_equal(calibrated_sigma(load_calibration(path), predictions, spread),
+                                  calibrated_sigma(fitted, predictions, spread))
+
+
+def test_bad_calibration_files_say_which_and_what_to_do(fitted, tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "short.json").write_text(to_json({**fitted, "scale": fitted["scale"][:5]}))
+    (tmp_path / "negative.json").write_text(to_json({**fitted, "floor": [-1.0] * NUM_OUTPUTS}))
+    (tmp_path / "words.json").write_text(to_json({**fitted, "shape": ["wide"] * NUM_OUTPUTS}))
+    (tmp_path / "members.json").write_text(to_json({**fitted, "members": "two"}))
+    for name in ("broken.json", "short.json", "negative.json", "words.json", "members.json", "missing.json"):
+        with pytest.raises(DataError, match=f"{name}.*fit it again"):
+            load_calibration(tmp_path / name)
+
+
+def test_mismatch_names_the_setting(fitted):
+    assert calibration_mismatch(fitted, 2, True) == ""
+    assert "2 members with 8-view TTA, not 1 member, no TTA" in calibration_mismatch(fitted, 1, False)
+
+
+def test_sigma_is_clipped_at_half():
+    calibration = {"scale": [100.0] * NUM_OUTPUTS, "floor": [0.0] * NUM_OUTPUTS, "shape": [10.0] * NUM_OUTPUTS}
+    predictions = np.full((3, NUM_OUTPUTS), 0.5)
+    sigma = calibrated_sigma(calibration, predictions, np.full_like(predictions, 0.1))
+    assert (sigma == MAX_SIGMA).all()
+    assert (calibrated_sigma(calibration, np.zeros((1, NUM_OUTPUTS))) == MIN_FLOOR).all()   # and never 0
+
+
+def test_nan_and_wrong_shapes_are_refused():
+    predictions, truth, spread, _ = draw(50, seed=6)
+    bad = predictions.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match=f"predictions holds 1 non-finite.*row 3, {LABEL_COLUMNS[5]}"):
+        fit_calibration(bad, truth, spread)
+    with pytest.raises(ValueError, match="truth holds"):
+        fit_calibration(predictions, np.where(bad == bad, truth, np.inf), spread)
+    with pytest.raises(ValueError, match="spread holds"):
+        fit_calibration(predictions, truth, bad)
+    with pytest.raises(ValueError, match="sigma holds"):
+        coverage_table(predictions, bad, truth)
+    with pytest.raises(ValueError, match=r"truth has shape \(50, 36\)"):
+        fit_calibration(predictions, truth[:, :36], spread)
+    with pytest.raises(ValueError, match="too few"):
+        fit_calibration(predictions[:1], truth[:1])
+
+
+def test_calibration_curve_and_plot(fitted, tmp_path):
+    predictions, truth, spread, sigma = draw(2000, seed=7)
+    curve = calibration_curve(predictions, calibrated_sigma(fitted, predictions, spread), truth)
+    assert len(curve) == 30 and curve["z"].iloc[0] == 0.1 and curve["z"].iloc[-1] == 3.0
+    assert curve["observed"].is_monotonic_increasing
+    assert (np.abs(curve["observed"] - curve["nominal"]) < 3).all()
+    exact = calibration_curve(predictions, sigma, truth, z=[1, 2])
+    np.testing.assert_allclose(exact["nominal"], [68.27, 95.45], atol=0.01)
+    path = tmp_path / "calibration_val.png"
+    plot_calibration({"raw spread": calibration_curve(predictions, spread, truth), "calibrated": curve}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
