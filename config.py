@@ -114,7 +114,7 @@ class Config:
                    TRAIN, PREDICT, PLOT, BENCH)
     channels_last: str = key("auto", "NHWC memory layout: auto (timed with amp) | true | false", TRAIN, PREDICT,
                              PLOT, BENCH)
-    resume: bool = key(False, "continue from out_dir/last.pt", TRAIN, BENCH)
+    resume: bool = key(False, "go on from out_dir/last.pt; --catalog: skip ids already written", TRAIN, PREDICT, BENCH)
     init_from: str = key("", "start a new run from this checkpoint's weights (fresh optimizer, schedule, epoch 0)",
                          TRAIN, BENCH)
     members: int = key(1, "ensemble: this many runs, seeds seed, seed+1, ... in out_dir/member_1, member_2, ...",
@@ -125,6 +125,22 @@ class Config:
     max_steps: int = key(0, "stop after this many optimizer steps (0 = no limit)", TRAIN, BENCH)
     threads: int = key(0, "torch CPU threads (0 = torch's default)", TRAIN, BENCH)
 
+    # --- your own labels (fine-tuning) ---------------------------------------
+    labels: str = key("", "train on your own labels: a folder of class folders, or a CSV/parquet table (a text label: "
+                      "classes; numeric columns: numbers); with --init_from, fine-tune", TRAIN, PREDICT, PLOT, BENCH)
+    label_columns: str = key("", "labels=<table>: its label column(s), comma-separated (default: label, else the "
+                             "only other column, else every numeric one)", TRAIN, BENCH)
+    images_dir: str = key("", "labels=<table> with an id column: the folder of its <id>.jpg images (default: the "
+                          "table's)", TRAIN, BENCH)
+    init_layers: str = key("hidden", "labels + init_from: the layers loaded: hidden (conv blocks and hidden linear "
+                           "layers) | features (the conv blocks alone)", TRAIN, BENCH)
+    freeze: str = key("none", "labels + init_from: none | features (the conv blocks) | hidden (conv blocks and hidden "
+                      "linear layers: only the new head trains); frozen layers stay in eval mode", TRAIN, BENCH)
+    lr_pretrained: float = key(0.1, "labels + init_from: the loaded layers' learning rate, as a multiple of lr",
+                               TRAIN, BENCH)
+    balance: str = key("weights", "labels of classes: weights (cross-entropy weighted by inverse class frequency) | "
+                       "sampler (class-balanced batches, drawn with replacement) | none", TRAIN, BENCH)
+
     # --- evaluation and prediction -----------------------------------------
     checkpoint: str = key("", ".pt file, run folder (best.pt or member_*/best.pt), glob or comma list; 2+: ensemble",
                           PREDICT, PLOT)
@@ -133,12 +149,21 @@ class Config:
     tta: bool = key(False, "average over the 8 rotations/flips", PREDICT, PLOT)
     images: str = key("", "predict these image files instead (a folder, a glob or one file)", PREDICT)
     embed: bool = key(False, "also write each galaxy's 2048 penultimate features (embeddings.npy)", PREDICT)
+    catalog: str = key("", "predict a survey table: CSV or parquet of ids and images (docs/survey.md)", PREDICT)
+    output_file: str = key("", "--catalog/--join output: .parquet or .csv (or out_dir/predictions.parquet)", PREDICT)
+    id_column: str = key("id", "--catalog: its column of unique galaxy ids", PREDICT)
+    file_column: str = key("file", "--catalog: its column of images (JPEG, PNG, FITS), relative to it", PREDICT)
+    band_columns: str = key("", "--catalog: three columns of one-band FITS files, in g,r,i order", PREDICT)
+    shard: str = key("", "--catalog: the part K/N to predict (K from 0), or env (torchrun's or Slurm's)", PREDICT)
+    join: str = key("", "join the shard outputs this glob names into output_file (with --catalog: all of it)", PREDICT)
+    calibration: str = key("", "the calibration.json of the sigma in *_std.csv (default: beside best.pt, in the "
+                           "member_* folder, or out_dir for a list; fitted on val when missing)", PREDICT, PLOT)
     similar: int = key(0, "show this many most similar galaxies (needs embeddings)", PLOT)
     embeddings: str = key("", "the folder with embeddings.npy (written by predict.py --embed)", PLOT)
     show: bool = key(False, "open a window as well as saving the figure", PLOT)
 
     # --- benchmarks -----------------------------------------------------------
-    scale: float = key(1.0, "bench.py scale: fraction of Kaggle's 61,578 + 79,975 images to rehearse with", BENCH)
+    scale: float = key(1.0, "bench.py scale: fraction of Kaggle's 61,578 + 79,975 images (survey: of 1M rows)", BENCH)
 
     def __post_init__(self):
         for key in SWITCH_KEYS:   # checkpoints made before "auto" existed stored True or False
@@ -189,6 +214,10 @@ class Config:
             (0 <= self.seed <= MAX_SEED and 0 <= self.split_seed <= MAX_SEED,
              f"seed and split_seed must lie in 0..{MAX_SEED}"),
             (self.demo_train >= 0 and self.demo_test >= 0, "demo_train and demo_test must not be negative"),
+            (self.init_layers in ("hidden", "features"), "init_layers must be hidden or features"),
+            (self.freeze in ("none", "features", "hidden"), "freeze must be none, features or hidden"),
+            (self.lr_pretrained > 0, "lr_pretrained must be positive (to keep loaded layers fixed, use --freeze)"),
+            (self.balance in ("weights", "sampler", "none"), "balance must be weights, sampler or none"),
             (self.members >= 1, "members must be at least 1"),
             (self.members_at_once >= 1, "members_at_once must be at least 1"),
             (self.workers >= 1, "workers must be at least 1"),
@@ -237,11 +266,8 @@ def _parse_value(key, text, kind):
             raise ValueError(f"--{key} takes auto, true or false, not {text!r}")
         return value
     if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
+        if _switch(text) in ("true", "false"):   # the same words as a switch key's, without auto
+            return _switch(text) == "true"
         raise ValueError(f"--{key} takes true or false, not {text!r}")
     try:
         return kind(text)
@@ -280,9 +306,8 @@ def build_config(overrides):
     """A Config from explicit overrides; --demo moves the paths under demo_dir unless given."""
     cfg = Config(**overrides)
     if cfg.demo:
-        demo_paths = {"raw_dir": os.path.join(cfg.demo_dir, "raw"),
-                      "processed_dir": os.path.join(cfg.demo_dir, "processed"),
-                      "out_dir": os.path.join("runs", "demo")}
+        demo_paths = {"raw_dir": os.path.join(cfg.demo_dir, "raw"), "out_dir": os.path.join("runs", "demo"),
+                      "processed_dir": os.path.join(cfg.demo_dir, "processed")}
         for key, path in demo_paths.items():
             if key not in overrides:
                 setattr(cfg, key, path)
@@ -292,8 +317,7 @@ def build_config(overrides):
 def get_config(argv=None, positional=(), doc="", keys=None):
     """Parse sys.argv (or argv) into a validated Config; exit with a one-line error on bad input.
 
-    With positional names, returns (cfg, {name: value}). -h or --help prints help_text(doc, keys,
-    positional) and exits.
+    With positional names, returns (cfg, {name: value}). -h or --help prints help_text and exits.
     """
     argv = sys.argv[1:] if argv is None else argv
     answer_help(argv, doc, keys, positional)
@@ -343,9 +367,7 @@ def script_keys(script):
 
 
 def _shown(value):
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value) if value != "" else '""'
+    return str(value).lower() if isinstance(value, bool) else str(value) if value != "" else '""'
 
 
 def help_text(doc, keys=None, positional=()):

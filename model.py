@@ -1,6 +1,7 @@
 """The network: the baseline CNN of the original design (four conv blocks, three linear layers)
-and its two output heads. Loading checkpoints lives in galaxy/checkpoints.py, running the model in
-galaxy/inference.py and galaxy/numerics.py.
+and its output heads: Galaxy Zoo's 37 vote fractions (tree or sigmoid), or a head sized to a
+user's own labels (logits for classes, linear for numbers; galaxy/tasks.py). Loading checkpoints
+lives in galaxy/checkpoints.py, running the model in galaxy/inference.py and galaxy/numerics.py.
 
     python model.py [--image_size=64 --output=tree]   # each layer's output shape and weight count
 
@@ -74,9 +75,44 @@ class DecisionTreeHead(nn.Module):
         return torch.cat(answers, dim=1)
 
 
-class GalaxyCNN(nn.Module):
-    def __init__(self, image_size=64, output="sigmoid", dropout=0.5):
+class ClassLogits(nn.Module):
+    """The "logits" head: class scores as they are for the loss (cross-entropy), probabilities as predictions."""
+
+    def forward(self, logits):
+        return logits
+
+    def predict(self, outputs):
+        return torch.softmax(outputs, dim=1)
+
+
+class Standardised(nn.Module):
+    """The "linear" head: numbers trained standardised (each column to mean 0, spread 1, so that columns
+    of any unit weigh alike in the loss), predicted in the targets' own units. mean and std are buffers:
+    the checkpoint carries them with the weights."""
+
+    def __init__(self, num_outputs, mean=None, std=None):
         super().__init__()
+        self.register_buffer("mean", torch.zeros(num_outputs) if mean is None else torch.tensor(mean).float())
+        self.register_buffer("std", torch.ones(num_outputs) if std is None else torch.tensor(std).float())
+
+    def forward(self, outputs):
+        return outputs
+
+    def predict(self, outputs):
+        return outputs * self.std + self.mean
+
+
+HEADS = ("tree", "sigmoid", "logits", "linear")
+TASK_HEADS = {"classes": "logits", "numbers": "linear"}   # a user's labels (galaxy/tasks.py) -> the head
+FREEZE = {"none": 0, "features": 1, "hidden": 2}           # how much of the network --freeze fixes
+
+
+class GalaxyCNN(nn.Module):
+    def __init__(self, image_size=64, output="sigmoid", dropout=0.5, num_outputs=NUM_OUTPUTS, mean=None, std=None):
+        super().__init__()
+        if output not in HEADS or (output in ("tree", "sigmoid") and num_outputs != NUM_OUTPUTS):
+            raise ValueError(f"no {output} head of {num_outputs} outputs: tree and sigmoid give Galaxy Zoo's "
+                             f"{NUM_OUTPUTS}, logits and linear any number")
         if feature_side(image_size) < 1:   # config.MIN_IMAGE_SIZE says the same before any model is built
             raise ValueError(f"image_size {image_size} is too small for the network: its convolutions and "
                              f"poolings leave no pixel below {MIN_IMAGE_SIZE}")
@@ -88,26 +124,55 @@ class GalaxyCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(flat_features(image_size), 1024), nn.Dropout(dropout), nn.ReLU(inplace=True),
             nn.Linear(1024, 2048), nn.Dropout(dropout), nn.ReLU(inplace=True),
-            nn.Linear(2048, NUM_OUTPUTS),  # the original design's diagram says 128 inputs; the layer before gives 2048
+            nn.Linear(2048, num_outputs),  # the original design's diagram says 128 inputs; the layer before gives 2048
         )
-        self.head = nn.Sigmoid() if output == "sigmoid" else DecisionTreeHead()
+        self.head = (nn.Sigmoid() if output == "sigmoid" else DecisionTreeHead() if output == "tree"
+                     else ClassLogits() if output == "logits" else Standardised(num_outputs, mean, std))
+        self.task = None     # build_model: the task record of a head for a user's labels (None: Galaxy Zoo's)
+        self.frozen = []     # freeze(): the parts that neither train nor leave eval mode
 
     def forward(self, images):
-        """images: float (N, 3, H, W) in [0, 1]; returns (N, 37) vote fractions in (0, 1)."""
-        return self.forward_with_features(images)[0]
+        """images: float (N, 3, H, W) in [0, 1]; returns what the loss takes: (N, 37) vote fractions in
+        (0, 1), or a task head's class logits or standardised numbers."""
+        features = self.classifier[:-1](self.features(images))
+        return self.head(self.classifier[-1](features).float())
 
     def forward_with_features(self, images):
-        """(vote fractions (N, 37), the 2048 penultimate features (N, 2048)) from one forward pass.
+        """(predictions (N, outputs), the 2048 penultimate features (N, 2048)) from one forward pass.
 
-        The features are the input of the last Linear, after its ReLU: what "galaxies like this
-        one" are compared by (predict.py --embed).
+        The predictions are vote fractions, class probabilities or numbers in the targets' units. The
+        features are the input of the last Linear, after its ReLU: what "galaxies like this one" are
+        compared by (predict.py --embed).
         """
         features = self.classifier[:-1](self.features(images))
-        return self.head(self.classifier[-1](features).float()), features
+        outputs = self.head(self.classifier[-1](features).float())
+        return (self.head.predict(outputs) if isinstance(self.head, (ClassLogits, Standardised)) else outputs), features
+
+    def freeze(self, part):
+        """Fix the conv blocks ("features"), or them and the hidden linear layers ("hidden"): no gradients,
+        and in eval mode whatever train() says, so BatchNorm keeps the running statistics it was loaded
+        with (and the frozen layers' dropout is off): a fixed feature extractor under the new layers."""
+        self.frozen = [self.features, self.classifier[:-1]][:FREEZE[part]]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
 
-def build_model(cfg: Config):
-    return GalaxyCNN(image_size=cfg.image_size, output=cfg.output, dropout=cfg.dropout)
+def build_model(cfg: Config, task=None):
+    """The network of cfg; task, a checkpoint's task record ({"kind", "names", "mean", "std"}; see
+    galaxy/tasks.py), gives it a head for a user's labels instead of Galaxy Zoo's 37 outputs."""
+    if task is None:
+        return GalaxyCNN(image_size=cfg.image_size, output=cfg.output, dropout=cfg.dropout)
+    model = GalaxyCNN(cfg.image_size, TASK_HEADS[task["kind"]], cfg.dropout, len(task["names"]), task.get("mean"),
+                      task.get("std"))
+    model.task = task
+    return model
 
 
 

@@ -4,13 +4,16 @@ vote fractions of the 11 decision-tree questions (true, predicted, or both side 
     python plot_image.py 100008                              # -> runs/galaxy_100008.png
     python plot_image.py 100008 --checkpoint=runs/best.pt    # true vs predicted, RMSE in the title
     python plot_image.py 100018 --checkpoint=runs/best.pt --show   # a test galaxy, in a window too
-    python plot_image.py 100008 --checkpoint=runs/ens --tta  # an ensemble: its spread as error bars
+    python plot_image.py 100008 --checkpoint=runs/ens --tta  # an ensemble: its sigma as error bars
     python plot_image.py my/galaxy.jpg --checkpoint=runs/best.pt   # any image file -> runs/galaxy_galaxy.png
     python plot_image.py 100008 --similar=8 --embeddings=runs      # plus the 8 most similar galaxies
+    python plot_image.py my/galaxy.jpg --checkpoint=runs/mine/best.pt   # trained on your labels: its classes
 
 An ID (all digits) is looked up in raw_dir (Kaggle's zips or folders) and processed_dir, train or
 test; an existing file, or a name with an image extension, is plotted as it is (it has no true votes).
---checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list.
+--checkpoint takes what predict.py takes: a file, a run folder, a glob or a comma list. The error
+bars are the calibrated sigma when predict.py has fitted a calibration for these checkpoints and
+--tta (or --calibration=PATH names one), else the raw spread over members x views.
 """
 import os
 from pathlib import Path
@@ -33,6 +36,8 @@ from galaxy.files import atomic_write, file_text, writable_folder
 from galaxy.inference import rmse
 from galaxy.numerics import resolve_device
 from galaxy.similar import check_source, embedding_source, nearest, read_embeddings
+from galaxy.task_eval import ensemble_task, plot_task, true_label
+from galaxy.uncertainty import error_bars
 
 SPLIT_NAMES = {"train": "Kaggle training set", "test": "Kaggle test set", "file": "image file"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -200,7 +205,7 @@ def plot_similar(subfigure, neighbours):
 
 def plot_question(ax, question, true_values, predicted_values, predicted_std=None):
     """Horizontal bars, one per answer; paired true/predicted bars when both are known; the
-    ensemble's spread (one standard deviation) as error bars on the predicted ones."""
+    calibrated sigma, or the ensemble's spread, as error bars on the predicted ones."""
     series = [(name, values, color, errors) for name, values, color, errors in
               (("true", true_values, TRUE_COLOR, None), ("predicted", predicted_values, PREDICTED_COLOR, predicted_std))
               if values is not None]
@@ -219,9 +224,11 @@ def plot_question(ax, question, true_values, predicted_values, predicted_std=Non
     ax.set_title(f"Q{question.number}  {question.text}", fontsize=9, loc="left")
 
 
-def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None, neighbours=None):
+def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std=None, neighbours=None,
+                error_label="spread over members x views", task=None):
     """The figure; galaxy holds where it was found (find_galaxy) and its images (galaxy_images);
-    neighbours (similar_galaxies) add a row of the most similar galaxies."""
+    neighbours (similar_galaxies) add a row of the most similar galaxies. With task (a network of a
+    user's labels) the values are its classes' probabilities (or its numbers), one bar chart."""
     raw, crop = galaxy["raw"], galaxy["crop"]
     has_values = true_values is not None or predicted_values is not None
     width, height = (20, 10) if has_values else (12, 10)
@@ -255,6 +262,8 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted
                else f"No vote fractions for this galaxy in\n{cfg.processed_dir}/labels.csv or {cfg.raw_dir}/.")
         ax.text(0.5, 0.5, f"{why}\n\nPass --checkpoint=runs/best.pt\nto see the model's prediction.",
                 ha="center", va="center", fontsize=14)
+    elif task:
+        task_words = plot_task(right.subplots(), task, predicted_values, predicted_std, true_values)
     else:
         axes = right.subplots(3, 4).ravel()
         for ax, question in zip(axes, QUESTIONS):
@@ -271,8 +280,10 @@ def plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted
     name = file_text(galaxy_id).replace("$", r"\$")   # any file name: bytes that are not UTF-8, mathtext's $
     title = f"Galaxy {name} ({SPLIT_NAMES[galaxy['split']]})"
     if predicted_std is not None:
-        title += " [error bars: spread over members x views]"
-    if true_values is not None and predicted_values is not None:
+        title += f" [error bars: {error_label}]"
+    if task and predicted_values is not None:
+        title += f": {task_words}"
+    elif true_values is not None and predicted_values is not None:
         error = rmse(torch.from_numpy(predicted_values), torch.from_numpy(true_values))
         title += f": RMSE {error:.4f} over the 37 vote fractions"
     elif true_values is None and predicted_values is not None:
@@ -311,10 +322,17 @@ def main():
         if cfg.checkpoint:
             members, groups = load_members(resolve_checkpoints(cfg.checkpoint, cfg.out_dir),
                                            resolve_device(cfg.device))
-        true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
+        task = ensemble_task(members) if members else None   # trained on a user's labels: its classes
+        if task:   # the label its set gives the file, if it is one of them
+            true_values = true_label(cfg, members[0], task, galaxy["file"]) if galaxy.get("file") else None
+        else:
+            true_values = true_vote_fractions(cfg, galaxy_id) if galaxy["split"] == "train" else None
         predicted_values, predicted_std, features, neighbours = None, None, None, None
+        error_label = ""
         if members:
             predicted_values, predicted_std, features = ensemble_prediction(cfg, galaxy, members, groups)
+            if not task:
+                predicted_std, error_label = error_bars(cfg, members, predicted_values, predicted_std)
         else:
             galaxy.update(galaxy_images(cfg, galaxy))
         if cfg.similar:
@@ -323,7 +341,8 @@ def main():
                                 "`python predict.py --split=all --embed`")
             source = embedding_source(members[0], cfg.tta) if members else None
             neighbours = similar_galaxies(cfg, galaxy.get("file") or galaxy_id, features, source)
-        fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours)
+        fig = plot_galaxy(galaxy_id, galaxy, true_values, predicted_values, cfg, predicted_std, neighbours,
+                          error_label or "spread over members x views", task)
         os.makedirs(cfg.out_dir, exist_ok=True)
         stem = os.path.splitext(galaxy_id)[0] if kind == "file" else galaxy_id
         path = os.path.join(cfg.out_dir, f"galaxy_{stem}.png")

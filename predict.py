@@ -6,29 +6,50 @@ r"""Predict Galaxy Zoo vote fractions with one trained checkpoint or an ensemble
     python predict.py --checkpoint=runs/ens --tta           # every runs/ens/member_*/best.pt: mean and spread
     python predict.py --checkpoint=runs/best.pt --images=my_galaxies/   # any JPEGs/PNGs -> predictions.csv
     python predict.py --checkpoint=runs/best.pt --split=all --embed     # every galaxy's features, for --similar
+    python predict.py --checkpoint=runs/best.pt --catalog=cat.parquet   # a survey table -> runs/predictions.parquet
+    python predict.py --join='runs/predictions.shard*.parquet' --catalog=cat.parquet --output_file=runs/all.parquet
+    python predict.py --checkpoint=runs/mine/best.pt --images=DIR   # trained on your labels: a column per class
+    python predict.py --checkpoint=runs/mine/best.pt --split=test   # its scores on your test split
+
+--catalog (docs/survey.md) predicts a CSV or parquet table of ids and images (JPEG, PNG, FITS) of any
+length in flat memory, into --output_file keyed by id, a part every 10,000 rows: after a kill,
+--resume goes on from the last part. --shard=K/N (or env) predicts part K of N into a file of its
+own; --join joins those into one table, each id once.
 
 --checkpoint takes a file, a run folder (its best.pt, or each member_*/best.pt), a glob, or a
-comma-separated list of these. Several checkpoints are averaged (each over 8 views with --tta);
-their spread, the standard deviation over members x views, goes to *_std.csv beside the
-predictions. Each member sees the crop it was trained on: from processed_dir's PNGs when
-preprocess.py made them with its settings, else cropped from the raw JPEGs (zip or folder) in
-raw_dir. Unreadable images are listed in *_skipped.csv, never fatal; in Kaggle's submission
-they get the training split's mean vote fractions, as Kaggle wants a row for each. With --images,
-every path the folder or glob names is in predictions.csv or, with its reason, in
-predictions_skipped.csv (a symlink loop, a dangling link, a FIFO or other special file, an
-unreadable image); folders and, in a folder, hidden files are left out.
+comma-separated list of these. Several checkpoints are averaged (each over 8 views with --tta).
+Beside the predictions, *_std.csv holds the calibrated standard deviation of each vote fraction
+(galaxy/calibration.py: the spread over members x views, widened and floored to match the errors
+on the val split), one checkpoint without TTA included. Its calibration.json lives beside best.pt,
+in the member_* folder of an ensemble, or in out_dir for a list (--calibration=PATH overrides);
+when it is missing or stale (other weights, members or --tta) the val split is predicted first
+and it is fitted and saved (galaxy/uncertainty.py). Without a val split (--train_on_val: pass
+--calibration=<a sibling run's calibration.json>), labels or images for it, the raw spread goes
+to *_spread.csv instead, with one line saying why. --split=test also writes calibration_test.csv
+and .png: the coverage of +-1 and +-2 sigma, overall and per question.
+
+Each member sees the crop it was trained on: from processed_dir's PNGs when preprocess.py made
+them with its settings, else cropped from the raw JPEGs (zip or folder) in raw_dir. Unreadable
+images are listed in *_skipped.csv, never fatal; in Kaggle's submission they get the training
+split's mean vote fractions, as Kaggle wants a row for each. With --images, every path the
+folder or glob names is in predictions.csv or, with its reason, in predictions_skipped.csv (a
+symlink loop, a dangling link, a FIFO or other special file, an unreadable image); folders and,
+in a folder, hidden files are left out.
 
 A run's files are one set, swapped in together once all are written: submission.csv with its
-_std and _skipped files, predictions.csv with its own, eval_<split>.* with spread_<split>.*. A
-file of the set that this run does not make (no spread, nothing skipped) is removed, so nothing
-of an earlier run stays beside the new files. A failed write changes nothing there and keeps the
-finished predictions in <name>_rescued.npz. A member giving NaN or inf stops the run, named.
+_std (or _spread) and _skipped files, predictions.csv with its own, eval_<split>.* with
+spread_<split>.* and calibration_<split>.*. A file of the set that this run does not make (no
+spread, nothing skipped) is removed, so nothing of an earlier run stays beside the new files. A
+failed write changes nothing there and keeps the finished predictions in <name>_rescued.npz. A
+member giving NaN or inf stops the run, named.
 
 File names are written as they are, except that a control character (\r, \n, \t...) or a byte
 that is not UTF-8 is written \xHH and a backslash \\: b"\xff\xfebad.jpg" reads \xff\xfebad.jpg.
 galaxy.files.file_path(name) turns a name read back into the path (os.fsencode of it, the bytes).
 """
+from contextlib import nullcontext
 import errno
+from functools import partial
 import glob
 import os
 import sys
@@ -44,11 +65,13 @@ from galaxy.ensemble import (crop_sources, describe_members, file_kind, galaxy_t
                              resolve_checkpoints, save_embeddings)
 from galaxy.evaluate import evaluate_split
 from galaxy.files import csv_writer, file_text, lock_folder, writable_folder, write_file_set
-from galaxy.numerics import resolve_device
+from galaxy.survey import job_device, join_outputs, predict_catalog
+from galaxy.task_eval import ensemble_task, evaluate_labelled, prediction_table
+from galaxy.uncertainty import find_or_fit, uncertainty_files
 
 # each output set, its main file first (galaxy.files.write_file_set)
-SUBMISSION_FILES = ("submission.csv", "submission_std.csv", "submission_skipped.csv")
-IMAGE_FILES = ("predictions.csv", "predictions_std.csv", "predictions_skipped.csv")
+SUBMISSION_FILES = ("submission.csv", "submission_std.csv", "submission_spread.csv", "submission_skipped.csv")
+IMAGE_FILES = ("predictions.csv", "predictions_std.csv", "predictions_spread.csv", "predictions_skipped.csv")
 
 # --- where the images come from ----------------------------------------------------------------
 
@@ -73,7 +96,7 @@ def write_set(out_dir, files, names, rescue, written):
 
 def submission_table(galaxy_ids, predictions):
     """Kaggle's format: GalaxyID, Class1.1 ... Class11.6, one row per galaxy, sorted by ID (also the
-    format of submission_std.csv, the spread)."""
+    format of submission_std.csv and submission_spread.csv)."""
     table = pd.DataFrame(np.clip(predictions, 0, 1), columns=LABEL_COLUMNS)
     table.insert(0, "GalaxyID", galaxy_ids)
     return table.sort_values("GalaxyID")
@@ -120,7 +143,7 @@ def mean_fallback(members, processed_dir):
     return np.mean(fallbacks, axis=0) if fallbacks else None
 
 
-def predict_kaggle(cfg, members, groups, written):
+def predict_kaggle(cfg, members, groups, written, uncertainty=None):
     tasks, pngs, raw = galaxy_tasks(cfg, "test")
     use_png, sources = crop_sources(cfg, groups, pngs, raw, "test")
     print(f"predicting {len(tasks)} test galaxies with {len(members)} checkpoint(s)"
@@ -137,10 +160,13 @@ def predict_kaggle(cfg, members, groups, written):
     predicted_ids = np.array(result.names, np.int64)
     galaxy_ids, predictions, filled = fill_skipped(predicted_ids, result.mean, skipped,
                                                    mean_fallback(members, cfg.processed_dir))
-    main, spread, skips = SUBMISSION_FILES
+    main, std, spread, skips = SUBMISSION_FILES
     files = {main: csv_writer(submission_table(galaxy_ids, predictions), float_format="%.6f")}
-    if result.views > 1:   # the galaxies given the training mean have no spread: no row there
-        files[spread] = csv_writer(submission_table(predicted_ids, result.std), float_format="%.6f")
+    # the galaxies given the training mean have no sigma: no row there
+    sigma_files, sigma_text = uncertainty_files(
+        uncertainty, (std, spread), lambda values: csv_writer(submission_table(predicted_ids, values),
+                                                                float_format="%.6f"), result)
+    files.update(sigma_files)
     if skipped:
         files[skips] = csv_writer(pd.DataFrame([(gid if isinstance(gid, int) else file_text(gid), file_text(reason))
                                                 for gid, reason in skipped], columns=["GalaxyID", "reason"]))
@@ -149,8 +175,7 @@ def predict_kaggle(cfg, members, groups, written):
     path = os.path.join(cfg.out_dir, main)
     report_skipped(skipped, filled, os.path.join(cfg.out_dir, skips))
     print(f"wrote {path}: {len(galaxy_ids)} galaxies x {len(LABEL_COLUMNS)} vote fractions")
-    if spread in files:
-        print(f"wrote {os.path.join(cfg.out_dir, spread)}: the spread over {result.views} members x views")
+    print(f"wrote {os.path.join(cfg.out_dir, next(iter(sigma_files)))}: {sigma_text}" if sigma_files else sigma_text)
     if cfg.embed:
         save_embeddings(cfg.out_dir, result, ["kaggle_test"] * len(result.names), written)
 
@@ -209,20 +234,24 @@ def image_table(names, values, summary):
     return table
 
 
-def predict_images(cfg, members, groups, written):
+def predict_images(cfg, members, groups, written, uncertainty=None):
     """--images: predictions.csv (file, the 37 vote fractions, a summary in words), the spread and the skips."""
     files, special = image_files(cfg.images)
+    task = ensemble_task(members)   # a network of a user's labels: a column per class (or number) and label
+    image_table_ = partial(prediction_table, task) if task else image_table
     print(f"predicting {len(files)} files from {file_text(cfg.images)} with {len(members)} checkpoint(s)"
           f"{', each with 8-fold TTA' if cfg.tta else ''}")
     result = predict_ensemble(members, groups, [(path, {"file": path}) for path in files], cfg,
                               embed=cfg.embed, description="predict images")
     skipped = sorted(special + result.skipped)
-    main, spread, skips = IMAGE_FILES
-    outputs = {}
+    main, std, spread, skips = IMAGE_FILES
+    outputs, sigma_text = {}, ""
     if result.names:
-        outputs[main] = csv_writer(image_table(result.names, result.mean, True), float_format="%.6f")
-        if result.views > 1:   # one member without TTA: no spread to write
-            outputs[spread] = csv_writer(image_table(result.names, result.std, False), float_format="%.6f")
+        outputs[main] = csv_writer(image_table_(result.names, result.mean, True), float_format="%.6f")
+        sigma_files, sigma_text = uncertainty_files(
+            uncertainty, (std, spread), lambda values: csv_writer(image_table_(result.names, values, False),
+                                                                    float_format="%.6f"), result)
+        outputs.update(sigma_files)
     if skipped:
         outputs[skips] = csv_writer(pd.DataFrame([(file_text(name), file_text(reason)) for name, reason in skipped],
                                                  columns=["file", "reason"]))
@@ -237,9 +266,9 @@ def predict_images(cfg, members, groups, written):
         if not result.names:
             raise DataError(f"none of the {len(skipped)} files of --images={file_text(cfg.images)} could be used; "
                             f"the reasons are in {path}")
-    for name, what in ((main, "files"), (spread, f"files: the spread over {result.views} members x views")):
-        if name in outputs:
-            print(f"wrote {os.path.join(cfg.out_dir, name)}: {len(result.names)} {what}")
+    print(f"wrote {os.path.join(cfg.out_dir, main)}: {len(result.names)} files")
+    sigma_name = next((name for name in (std, spread) if name in outputs), None)
+    print(f"wrote {os.path.join(cfg.out_dir, sigma_name)}: {sigma_text}" if sigma_name else sigma_text)
     if cfg.embed:
         save_embeddings(cfg.out_dir, result, ["file"] * len(result.names), written)
 
@@ -280,19 +309,33 @@ def main():
         sys.stdout.reconfigure(errors="backslashreplace")
     written = []   # each output once it is whole: what an error or Ctrl-C leaves is said exactly
     try:
+        if cfg.join:   # the --catalog shard outputs as one table: no checkpoint needed
+            return join_outputs(cfg, written)
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it
-        # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there
-        with lock_folder(cfg.out_dir, "predict.py", ".predict.lock"):
+        # its own lock file: predict.py may evaluate best.pt while train.py (holding .lock) writes there;
+        # a --catalog job locks its output instead, as N shard jobs share out_dir
+        with nullcontext() if cfg.catalog else lock_folder(cfg.out_dir, "predict.py", ".predict.lock"):
             paths = resolve_checkpoints(cfg.checkpoint, cfg.out_dir)
-            members, groups = load_members(paths, resolve_device(cfg.device))
-            if cfg.images:
-                predict_images(cfg, members, groups, written)
+            members, groups = load_members(paths, job_device(cfg))
+            # the calibrated sigma: found, or fitted on the val split first (galaxy/uncertainty.py)
+            task = ensemble_task(members)   # trained on a user's labels (galaxy/tasks.py): no calibration
+            uncertainty = (find_or_fit(cfg, members, groups, written) if (cfg.images or cfg.split != "all")
+                           and not task else None)
+            if cfg.catalog and task:
+                raise DataError("--catalog writes Galaxy Zoo's 37 vote fractions; for a network of your labels "
+                                "pass --images=<folder or glob>")
+            if cfg.catalog:
+                predict_catalog(cfg, members, groups, written, uncertainty)
+            elif cfg.images:
+                predict_images(cfg, members, groups, written, uncertainty)
+            elif task:   # --split=test|val (or all with --embed) of the user's set; kaggle is a one-line error
+                evaluate_labelled(cfg, members, task, written)
             elif cfg.split == "kaggle":
-                predict_kaggle(cfg, members, groups, written)
+                predict_kaggle(cfg, members, groups, written, uncertainty)
             elif cfg.split == "all":
                 embed_all(cfg, members, groups, written)
             else:
-                evaluate_split(cfg, members, groups, written)
+                evaluate_split(cfg, members, groups, written, uncertainty)
     except (DataError, CheckpointError) as err:
         sys.exit(f"error: {err}{written_note(written, str(err))}")
     except KeyboardInterrupt:   # every output set is swapped in whole or not at all: written says which

@@ -9,6 +9,9 @@
     python train.py --members=4 --members_at_once=2 --out_dir=runs/ens   # two members side by side
     python train.py --train_on_val --out_dir=runs/final   # last step: train on the val galaxies too
     torchrun --nproc_per_node=2 train.py           # DistributedDataParallel
+    python train.py --labels=my_classes/ --init_from=runs/best.pt --out_dir=runs/mine   # fine-tune on your labels
+    python train.py --labels=my_classes/ --out_dir=runs/mine_scratch    # the same network from scratch
+(--labels: a folder of class folders or a CSV/parquet table; a new head for it: galaxy/tasks.py)
 
 Per epoch: a progress bar, train loss and validation RMSE; out_dir/metrics.csv is rewritten (and
 loss.png, at most every 10 s and after the last epoch), best.pt is saved when val RMSE improves
@@ -33,13 +36,15 @@ from tqdm import tqdm
 
 from config import Config, answer_help, build_config, parse_overrides, script_keys
 from dataset import DataError, load_training_set, rows_of, split_for_run
-from galaxy.checkpoints import CheckpointError, load_state, read_checkpoint
+from galaxy.checkpoints import CheckpointError, load_backbone, load_state, read_checkpoint
 from galaxy.inference import predict, rmse
 from galaxy.numerics import choose_numerics, numerics_name, resolve_device
 from galaxy.recipes import run_recipe
 from galaxy.runs import (checkpoint_state, claim_out_dir, parse_config, read_init_weights, repair_best, run_is_complete,
                          save_checkpoints, train_members, write_metrics)
-from galaxy.training import average_of, epoch_order, make_optimizer, next_batch, train_step, update_average
+from galaxy.tasks import labelled_data, pretrained_parameters, report_labelled_test, write_task_metrics
+from galaxy.training import (Data, average_of, epoch_order, galaxy_zoo_scores, make_optimizer, next_batch, train_step,
+                             update_average)
 from model import build_model
 
 PLOT_EVERY_S = 10   # on a GPU a small set's epoch can take less time than drawing loss.png
@@ -61,21 +66,6 @@ def request_stop(signum, frame):
 
 class Diverged(Exception):
     """A non-finite loss, weight or val RMSE: every rank stops at once and nothing more is saved."""
-
-
-@dataclass
-class Data:
-    """The split's tensors: the training set on the device (a batch is then one gather, no loader
-    workers), val and test on the CPU, and the train split's mean vote fractions."""
-    train_images: torch.Tensor
-    train_targets: torch.Tensor
-    val_images: torch.Tensor
-    val_targets: torch.Tensor
-    test_images: torch.Tensor
-    test_targets: torch.Tensor
-    train_mean: torch.Tensor   # the baseline prediction, and predict.py's answer for an unreadable image
-    baseline_val_rmse: float
-    has_val: bool              # none with --train_on_val or val_fraction=0: best.pt is then the last epoch
 
 
 @dataclass
@@ -124,6 +114,8 @@ def setup_distributed(cfg):
 
 def load_splits(cfg, device, is_main, world_size):
     """The labelled set cut into the run's train, val and test splits (out_dir/split.csv)."""
+    if cfg.labels:   # a user's own labels
+        return labelled_data(cfg, device, is_main, world_size)
     galaxy_ids, images, vote_fractions = load_training_set(cfg)
     split = split_for_run(cfg, galaxy_ids, write=is_main)
     train_rows, val_rows, test_rows = (rows_of(galaxy_ids, split[name]) for name in ("train", "val", "test"))
@@ -143,18 +135,21 @@ def build_training(cfg, checkpoint, init_weights, data, rank, world_size, device
     """The model (the same initial weights on every rank), its numerics, optimizer, lr schedule, weight
     average and random streams; with --init_from, its weights."""
     torch.manual_seed(cfg.seed)
-    raw_model = build_model(cfg).to(device)
+    raw_model = build_model(cfg, data.task and data.task.record).to(device)
+    pretrained = pretrained_parameters(raw_model, cfg) if data.task else None   # --labels: what it loads, freezes
     numerics = run_numerics(cfg, checkpoint, raw_model, device, rank == 0, world_size)
     if numerics["channels_last"]:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model if world_size == 1 else DistributedDataParallel(
         raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = len(data.train_targets) // world_size // cfg.batch_size
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch, checkpoint)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps_per_epoch, checkpoint, pretrained)
     aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank
     if init_weights is not None:
-        load_state(raw_model, init_weights, cfg.init_from)
+        # --labels: the conv blocks (and hidden layers) alone, the head is new
+        (load_backbone(raw_model, init_weights, cfg.init_from, cfg.init_layers) if data.task
+         else load_state(raw_model, init_weights, cfg.init_from))
         if rank == 0:
             print(f"weights from {cfg.init_from}; fresh optimizer and lr schedule from epoch 1")
     return Run(cfg, rank, world_size, device, model, raw_model, optimizer, scheduler, aug_generator, numerics,
@@ -212,8 +207,9 @@ def train(cfg, checkpoint, init_weights=None):
     if run.is_main:
         counts = [len(targets) for targets in (data.train_targets, data.val_targets, data.test_targets)]
         print(f"{sum(counts)} galaxies: {counts[0]} train, {counts[1]} val, {counts[2]} test | device {device} "
-              f"x {world_size} | output {cfg.output} | " +
-              (f"mean-prediction val RMSE {data.baseline_val_rmse:.4f}" if data.has_val else
+              f"x {world_size} | output {data.task.kind if data.task else cfg.output} | " +
+              (f"{'majority-class val 1 - balanced accuracy' if data.task else 'mean-prediction val RMSE'} "
+               f"{data.baseline_val_rmse:.4f}" if data.has_val else
                "no val split (val_fraction=0 or train_on_val): best.pt is the last epoch"))
     run.model.train()
     try:
@@ -232,7 +228,7 @@ def train(cfg, checkpoint, init_weights=None):
             dist.barrier()   # the others wait for rank 0's line: torchrun ends every process once one exits
         return 1
     if run.is_main:
-        report_test(cfg, data, device, run.numerics)
+        (report_labelled_test if data.task else report_test)(cfg, data, device, run.numerics)
     return 0
 
 
@@ -240,7 +236,8 @@ def run_epoch(run, data):
     """Train from the run's place in its epoch to the epoch's end (None), or until a stop: "signal"
     (SIGINT/SIGTERM on any rank) or "max_steps". A non-finite loss on any rank raises Diverged."""
     cfg, progress = run.cfg, run.progress
-    order = epoch_order(len(data.train_targets), cfg.seed, progress["epoch"], run.rank, run.world_size)
+    order = (data.task.batch_order if data.task else epoch_order)(len(data.train_targets), cfg.seed,
+                                                                  progress["epoch"], run.rank, run.world_size)
     bar = tqdm(total=run.steps_per_epoch * cfg.batch_size, initial=progress["step_in_epoch"] * cfg.batch_size,
                unit="img", desc=f"epoch {progress['epoch'] + 1}/{cfg.epochs}", disable=not run.is_main, leave=True)
     with bar:
@@ -248,7 +245,8 @@ def run_epoch(run, data):
             batch_rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(run.device)
             batch, targets = next_batch(data.train_images, data.train_targets, batch_rows, cfg, run.device,
                                         run.aug_generator, run.numerics["channels_last"])
-            loss = train_step(run.model, run.optimizer, run.scheduler, batch, targets, run.numerics["amp"], run.device)
+            loss = train_step(run.model, run.optimizer, run.scheduler, batch, targets, run.numerics["amp"], run.device,
+                              data.loss)
             progress["step_in_epoch"] = step + 1
             progress["global_step"] += 1
             if run.averaged_model is not None:
@@ -272,14 +270,15 @@ def end_epoch(run, data, started):
     cfg, progress, numerics = run.cfg, run.progress, run.numerics
     epoch = progress["epoch"]
     train_loss = progress["epoch_loss_sum"] / run.steps_per_epoch
-    val_rmse = rmse(predict(run.eval_model, data.val_images, 2 * cfg.batch_size, numerics["amp"],
-                            numerics["channels_last"]), data.val_targets) if data.has_val else math.nan
+    val = predict(run.eval_model, data.val_images, 2 * cfg.batch_size, numerics["amp"],
+                  numerics["channels_last"]) if data.has_val else None
+    val_rmse, scores = (data.task.scores if data.task else galaxy_zoo_scores)(train_loss, val, data.val_targets)
     if on_any_rank(run, data.has_val and not math.isfinite(val_rmse))[0]:
         raise Diverged(f"the validation RMSE is not finite after epoch {epoch + 1} (step {progress['global_step']})")
     seconds = time.time() - started
     progress["history"].append({
-        "epoch": epoch + 1, "train_loss": train_loss, "train_rmse": math.sqrt(train_loss),
-        "val_rmse": val_rmse, "lr": run.scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+        "epoch": epoch + 1, "train_loss": train_loss, **scores, "lr": run.scheduler.get_last_lr()[0],
+        "seconds": round(seconds, 2),
         "img_per_s": round(run.steps_per_epoch * cfg.batch_size * run.world_size / seconds, 1),
         "numerics": numerics_name(numerics["amp"], numerics["channels_last"])})
     progress.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
@@ -288,14 +287,16 @@ def end_epoch(run, data, started):
         progress["best_val_rmse"] = val_rmse
     if run.is_main:
         print(f"epoch {epoch + 1}: train loss {train_loss:.5f} | " +
-              (f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {data.baseline_val_rmse:.5f}"
+              (data.task.describe(scores, improved, data.baseline_val_rmse) if data.task else
+               f"val RMSE {val_rmse:.5f}{' (best)' if improved else ''} | mean baseline {data.baseline_val_rmse:.5f}"
                if data.has_val else "no val split: best.pt is this epoch"))
     # best.pt first: a kill between the two writes then leaves last.pt at the epoch before,
     # whose resume redoes this one; never a last.pt past a best.pt that is not on disk
     save(run, *(["best.pt", "last.pt"] if improved else ["last.pt"]))
     if run.is_main:
         plot = progress["epoch"] == cfg.epochs or time.monotonic() - run.plotted_at >= PLOT_EVERY_S
-        write_metrics(progress["history"], cfg.out_dir, data.baseline_val_rmse, plot)
+        (write_task_metrics if data.task else write_metrics)(progress["history"], cfg.out_dir, data.baseline_val_rmse,
+                                                             plot)
         run.plotted_at = time.monotonic() if plot else run.plotted_at
     return "signal" if on_any_rank(run, STOP_SIGNAL is not None)[0] else None
 

@@ -13,10 +13,13 @@ to finish within 8 minutes on one GPU, closing with a Markdown table for benchma
 5. a one-GPU torchrun run of train.py (python -m torch.distributed.run --standalone
    --nproc_per_node=1, 20 steps on the synthetic set), whose checkpoint step 4 predicts with;
 6. an ensemble's members side by side (train.py --members_at_once=8) against one member alone,
-   on the synthetic set: how many more members an hour the GPU gives that way.
+   on the synthetic set: how many more members an hour the GPU gives that way;
+7. predict.py --catalog over 20,000 rows of the synthetic set's JPEGs and FITS cubes of them
+   (benchmarks/survey.py), with step 5's checkpoint, against the model-only rate.
 
 Without a CUDA GPU it stops at once with a one-line error.
 """
+import dataclasses
 import datetime
 import math
 import os
@@ -33,9 +36,11 @@ from benchmarks.accuracy import ROTATE_ZOOM_SHIFT
 from benchmarks.common import INFERENCE_BATCH, machine_name
 from benchmarks.scale import check, model_only_rate, run_command, script_command
 from benchmarks.speed import bench_train
+from benchmarks.survey import GPU_ROWS, catalog_on_gpu
 from config import build_config
 from galaxy import demo
 from galaxy.crop import SETTINGS_FILE
+from galaxy.inference import inference_batch
 from galaxy.numerics import numerics_name
 from galaxy.preprocessing import preprocess
 
@@ -176,6 +181,9 @@ def gpu_table(results, title):
         (f"predict.py --tta, {DEMO_TEST:,} PNGs", predict_result(results, "predict_tta"),
          f"≥ 0.9 × model only / 8 ({tta_model:,.0f} img/s), beyond start-up: "
          f"{results['predict_tta_beyond'] / tta_model:.2f}"),
+        (f"predict.py --catalog, {GPU_ROWS:,} rows (JPEG + 5% FITS)",
+         f"{results['catalog']:,.0f} img/s in all; {results['catalog_steady']:,.0f} img/s steady",
+         f"≥ 0.9 × model only ({model:,.0f} img/s), steady: {results['catalog_steady'] / model:.2f}"),
         (f"torchrun, 1 GPU, {TORCHRUN_STEPS} steps of train.py", f"{'ok' if results['torchrun_ok'] else 'FAILED'} in "
          f"{results['torchrun_seconds']:.1f} s", "succeeds"),
         (f"{SIDE_BY_SIDE} members side by side (`--members_at_once`), {SIDE_BY_SIDE_EPOCHS} epochs each",
@@ -204,9 +212,12 @@ def bench_gpu(cfg, overrides):
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as folder:
         processed = synthetic_set(cfg, Path(folder))
         results.update(torchrun_and_predict(cfg, {**overrides, "device": "cuda"}, Path(folder), processed))
+        results.update(catalog_on_gpu(cfg, {**overrides, "device": "cuda"}, folder, Path(folder) / "run" / "last.pt",
+                                      Path(folder) / "raw"))
         results.update(members_side_by_side({**overrides, "device": "cuda"}, Path(folder), processed))
-    # at predict.py's own batch size and numerics, so the ratio is the cost of reading the images alone
-    results["model_inference"] = model_only_rate(cfg, device, 16_384, tta=False)
+    # at predict.py's own batch size (at least 256 on a GPU) and numerics: the ratio is the cost of reading alone
+    at_batch = dataclasses.replace(cfg, batch_size=inference_batch(cfg, device))
+    results["model_inference"] = model_only_rate(at_batch, device, 16_384, tta=False)
     results["total_seconds"] = time.perf_counter() - started
     title = (f"### `python bench.py gpu` — {machine_name(device)}, {datetime.date.today()}, "
              f"torch {torch.__version__}, CUDA {torch.version.cuda}")

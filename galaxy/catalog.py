@@ -26,8 +26,21 @@ class Shard(NamedTuple):
         return f"{self.index}/{self.count}"
 
 
-def parse_shard(text):
-    """Shard(K, N) of "K/N" (0 <= K < N); ValueError with a one-line fix otherwise."""
+def shard_from_env(environ=os.environ):
+    """"K/N" from torchrun's RANK and WORLD_SIZE, else from a Slurm job array (task ID - MIN of COUNT)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return f"{environ['RANK']}/{environ['WORLD_SIZE']}"
+    if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        return f"{index}/{environ['SLURM_ARRAY_TASK_COUNT']}"
+    raise ValueError("--shard=env: neither RANK and WORLD_SIZE (torchrun) nor SLURM_ARRAY_TASK_ID and "
+                     "SLURM_ARRAY_TASK_COUNT (sbatch --array) are set; pass --shard=K/N")
+
+
+def parse_shard(text, environ=os.environ):
+    """Shard(K, N) of "K/N" (0 <= K < N), or of "env" (shard_from_env); ValueError with a one-line fix otherwise."""
+    if str(text).strip() == "env":
+        text = shard_from_env(environ)
     parts = str(text).strip().split("/")
     try:
         index, count = (int(part) for part in parts)
@@ -138,6 +151,11 @@ def _rebatch(frames, chunk_rows):
         yield pd.concat(held, ignore_index=True)
 
 
+def _where(kind, row):
+    """Where a row is, as a user finds it: a CSV's line (its header is line 1), a parquet file's row."""
+    return f"line {row + 1}" if kind == "csv" else f"row {row}"
+
+
 def _first_row(path, kind, id_column, wanted):
     """The first row number (from 1) holding id wanted: read again only to name a duplicate."""
     start = 1
@@ -161,6 +179,8 @@ def read_catalog(path, id_column="id", file_column="file", band_columns=None, sh
     """
     kind = table_kind(path)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
+    if isinstance(band_columns, str):   # as a command line gives it: "g_file,r_file,i_file"
+        band_columns = [name.strip() for name in band_columns.split(",") if name.strip()]
     have = _columns(path, kind)
     files = list(band_columns) if band_columns else ([file_column] if file_column else [])
     for name, flag in [(id_column, "id_column")] + [(name, "file_column" if not band_columns else "band_columns")
@@ -182,15 +202,15 @@ def read_catalog(path, id_column="id", file_column="file", band_columns=None, sh
             total += len(chunk)
             empty = np.flatnonzero([not str(i).strip() for i in ids])
             if len(empty):
-                raise DataError(f"catalog {path} row {rows[empty[0]]}: the {id_column} column is empty; every "
-                                f"galaxy needs an id")
+                raise DataError(f"catalog {path} {_where(kind, rows[empty[0]])}: the {id_column} column is empty; "
+                                f"every galaxy needs an id")
             digests = id_digests(ids)
             keep = np.ones(len(ids), bool) if shard is None else shard_of(digests, shard.count) == shard.index
             again = np.flatnonzero(seen.add(digests=digests[keep]))
             if len(again):
                 row, gid = rows[keep][again[0]], ids[keep][again[0]]
-                raise DataError(f"catalog {path}: {id_column} {gid} on row {row} repeats row "
-                                f"{_first_row(path, kind, id_column, gid)}; ids must be unique")
+                raise DataError(f"catalog {path}: {id_column} {gid} on {_where(kind, row)} repeats "
+                                f"{_where(kind, _first_row(path, kind, id_column, gid))}; ids must be unique")
             table = pd.DataFrame({"row": rows[keep], "id": [str(i) for i in ids[keep]]})
             names = [chunk[c].to_numpy(dtype=object)[keep] for c in files]
             table["file"] = [", ".join(map(str, parts)) for parts in zip(*names)] if names else ""

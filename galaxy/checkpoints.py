@@ -6,7 +6,7 @@ import os
 import torch
 
 from config import config_from_dict
-from model import build_model
+from model import TASK_HEADS, build_model
 
 
 class CheckpointError(RuntimeError):
@@ -59,6 +59,52 @@ def load_state(model, state_dict, path):
                               f"or start afresh without --resume") from None
 
 
+def backbone_names(model, keep="hidden"):
+    """The state_dict names of the model's conv blocks (keep="features"), or of them and its hidden linear
+    layers (keep="hidden"): what --init_from gives a network for a user's labels."""
+    parts = ("features.",) + tuple(f"classifier.{i}." for i in range(len(model.classifier) - 1)) * (keep == "hidden")
+    return {name for name in model.state_dict() if name.startswith(parts)}
+
+
+def load_backbone(model, state_dict, path, keep="hidden"):
+    """--init_from with --labels: load state_dict's conv blocks (keep="features"), or its conv blocks and
+    hidden linear layers (keep="hidden"), strictly; the last Linear and the head stay new (sized to the
+    task). Returns the names of the tensors loaded; a one-line CheckpointError when one is missing or
+    of another shape."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds no weights (a {type(state_dict).__name__}); "
+                              f"it was not written by train.py")
+    names = backbone_names(model, keep)
+    own = {name: tensor for name, tensor in model.state_dict().items() if name in names}
+    for name, tensor in own.items():
+        if name not in state_dict:
+            raise CheckpointError(f"checkpoint {path} has no {name}; it was not written by train.py")
+        if tuple(state_dict[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path} was saved from a different model ({name} is "
+                                  f"{tuple(state_dict[name].shape)} there, {tuple(tensor.shape)} here); pass the "
+                                  f"image_size it was trained with, or --init_layers=features (the conv blocks "
+                                  f"fit any image_size)")
+    loaded = {name: state_dict[name] for name in own}
+    check_finite(loaded, path)
+    model.load_state_dict(loaded, strict=False)   # what is missing is the new head, by design
+    return set(loaded)
+
+
+def check_task(task, path):
+    """The checkpoint's task record (galaxy/tasks.py) if usable, None for a Galaxy Zoo checkpoint; CheckpointError
+    for one this project did not write."""
+    if task is None:
+        return None
+    names = task.get("names") if isinstance(task, dict) else None
+    ok = (isinstance(names, list) and len(names) >= 1 and all(isinstance(name, str) for name in names)
+          and task.get("kind") in TASK_HEADS)
+    if ok and task["kind"] == "numbers":
+        ok = all(isinstance(task.get(key), list) and len(task[key]) == len(names) for key in ("mean", "std"))
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} holds an unusable task record; it was not written by train.py")
+    return task
+
+
 def load_model(path, device="cpu"):
     """Rebuild the trained model from a checkpoint: returns (model in eval mode, its Config)."""
     return model_from_checkpoint(read_checkpoint(path), path, device)
@@ -74,6 +120,6 @@ def model_from_checkpoint(checkpoint, path, device="cpu"):
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path} holds an unusable config ({err}); "
                               f"it was not written by this project's train.py") from None
-    model = build_model(cfg)
+    model = build_model(cfg, check_task(checkpoint.get("task"), path))   # old checkpoints: Galaxy Zoo's 37 outputs
     load_state(model, checkpoint["model"], path)
     return model.to(device).eval(), cfg

@@ -22,7 +22,8 @@ from galaxy import kaggle_raw
 from galaxy.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint, unfinished_run
 from galaxy.crop import CROP_KEYS, BadImage, crop_galaxy, crop_settings_mismatch
 from galaxy.files import file_text, signals_held, write_failure
-from galaxy.inference import predict_views
+from galaxy.fits import fits_png, is_fits
+from galaxy.inference import batch_tensor, inference_batch, predict_views
 from galaxy.numerics import choose_numerics
 from galaxy.pool import run_pool, unexpected_error, worker_job
 from galaxy.similar import EMBEDDINGS_FILE, IDS_FILE, SOURCE_FILE, embedding_source, write_embeddings
@@ -186,11 +187,19 @@ def read_regular_file(path):
         return f.read()
 
 
+def read_fits(sources):
+    """A FITS file's bytes, or a tuple of each band file's; '' (no file named) stays '' for read_bands to name."""
+    many = isinstance(sources, (list, tuple))
+    data = [read_regular_file(path) if path else "" for path in (sources if many else [sources])]
+    return tuple(data) if many else data[0]
+
+
 def load_crops(task):
     """Pool worker: (name, [uint8 HWC crop for each crop group] or None, why it was skipped).
 
     task is (name, where) with where holding any of "png" (a processed PNG), "raw" (a reference
-    into raw_dir) and "file" (a path). A group marked use_png reads the PNG when there is one; the
+    into raw_dir), "file" (a path: JPEG, PNG, or FITS by its name) and "fits" (three band files of
+    one FITS image, galaxy/fits.read_bands). A group marked use_png reads the PNG when there is one; the
     others crop the raw bytes, read once however many groups need them.
     """
     name, where = task
@@ -205,8 +214,11 @@ def load_crops(task):
             if data is None:
                 if where.get("raw"):
                     data = kaggle_raw.read_raw(job["raw_dir"], where["raw"])
+                elif "fits" in where:   # a catalog's three band files, or its empty file name
+                    data = fits_png(read_fits(where["fits"]))
                 elif where.get("file"):
                     data = read_regular_file(where["file"])
+                    data = fits_png(data) if is_fits(where["file"]) else data   # its RGB as PNG bytes
                 else:
                     return name, None, "no image: neither a PNG made with these crop settings nor a raw image"
             crops.append(np.asarray(crop_galaxy(data, group["cfg"])[0], np.uint8))
@@ -286,13 +298,15 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
 
     use_png[g] says whether crop group g may read processed PNGs (they were made with its settings).
     """
-    numerics = inference_numerics(members, cfg.amp, cfg.channels_last, cfg.batch_size)
+    device = next(members[0].model.parameters()).device
+    batch_size = inference_batch(cfg, device)
+    numerics = inference_numerics(members, cfg.amp, cfg.channels_last, batch_size)
     job = {"groups": [{"cfg": group, "use_png": bool(use_png and use_png[g])} for g, group in enumerate(groups)],
            "raw_dir": cfg.raw_dir}
     names, means, stds, member_means, features, skipped, batch = [], [], [], [], [], [], []
 
     def flush():
-        group_images = [torch.from_numpy(np.stack([crops[g] for _, crops in batch])).permute(0, 3, 1, 2).contiguous()
+        group_images = [batch_tensor([crops[g] for _, crops in batch], pin=device.type == "cuda")
                         for g in range(len(groups))]
         mean, std, per_member, batch_features = predict_batch(members, group_images, numerics, cfg.tta, embed,
                                                               names=[name for name, _ in batch])
@@ -310,7 +324,7 @@ def predict_ensemble(members, groups, tasks, cfg, use_png=(), embed=False, descr
             skipped.append((name, reason))
             continue
         batch.append((name, crops))
-        if len(batch) == cfg.batch_size:
+        if len(batch) == batch_size:
             flush()
     if batch:
         flush()

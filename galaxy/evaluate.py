@@ -1,8 +1,11 @@
 """Evaluation on the held-out split of the training data (predict.py --split=test|val): RMSE
-per question against the mean-prediction baseline, and for an ensemble each member's RMSE and
-whether the members' spread predicts the error. Its files are one set (galaxy.files.write_file_set):
-eval_<split>.csv and .png, eval_<split>_members.csv, spread_<split>.csv and .png; a run replaces all
-the earlier run's, so no file of another ensemble or split stays beside them.
+per question against the mean-prediction baseline, for an ensemble each member's RMSE and
+whether the members' spread predicts the error, and with a calibration (galaxy/calibration.py)
+how much of the errors its sigma covers. Its files are one set (galaxy.files.write_file_set):
+eval_<split>.csv and .png, eval_<split>_members.csv, spread_<split>.csv and .png,
+calibration_<split>.csv and .png; a run replaces all the earlier run's, so no file of another
+ensemble or split stays beside them. split_targets also gives galaxy/uncertainty.py the val
+galaxies its calibration is fitted on.
 """
 import os
 
@@ -12,6 +15,7 @@ import pandas as pd
 import torch
 
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, read_labels, read_split
+from galaxy.calibration import calibrated_sigma, calibration_curve, coverage_table, plot_calibration, views_text
 from galaxy.ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
                              save_embeddings, spread_calibration)
 from galaxy.files import csv_writer, file_text, write_file_set
@@ -45,7 +49,7 @@ def evaluation_table(predictions, targets, baseline):
 def evaluation_files(split):
     """Every file of an evaluation's set, the main one first."""
     return (f"eval_{split}.csv", f"eval_{split}.png", f"eval_{split}_members.csv", f"spread_{split}.csv",
-            f"spread_{split}.png")
+            f"spread_{split}.png", f"calibration_{split}.csv", f"calibration_{split}.png")
 
 
 def plot_evaluation(table, path, title):
@@ -110,14 +114,44 @@ def report_spread(split, std, predictions, targets, views):
             f"spread_{split}.png": lambda path: plot_spread(rows, correlation, path, title)}
 
 
-def evaluate_split(cfg, members, groups, written=None):
-    """RMSE per question on the held-out split; with several members or TTA also the spread report.
-    written (a list) gets each path as it is written."""
-    split, split_path = shared_split(cfg.split, members)
-    galaxy_ids = split[cfg.split]
+def coverage_report(split, calibration, predictions, std, views, targets):
+    """How much of the errors the calibrated sigma covers (and the raw spread, with one): printed, and
+    returned as the writers of calibration_<split>.csv (coverage_table, with the raw spread's coverage in
+    spread_1sigma and spread_2sigma, empty without a spread) and calibration_<split>.png (the curves)."""
+    spread = std if views > 1 else None
+    sigma = calibrated_sigma(calibration, predictions, spread)
+    table = coverage_table(predictions, sigma, targets)
+    curves = {"calibrated sigma": calibration_curve(predictions, sigma, targets)}
+    raw = ""
+    if spread is not None:
+        floored = np.maximum(spread, 1e-12)   # an output all views agree on exactly: outside any +-z spread
+        raw_table = coverage_table(predictions, floored, targets)
+        for k in (1, 2):
+            table[f"spread_{k}sigma"] = raw_table[f"observed_{k}sigma"]
+        curves = {f"raw spread ({views} members x views)": calibration_curve(predictions, floored, targets), **curves}
+        raw = f"; the raw spread: {raw_table['observed_1sigma'][0]:.1f}% and {raw_table['observed_2sigma'][0]:.1f}%"
+    else:
+        table["spread_1sigma"] = table["spread_2sigma"] = np.nan
+    overall = table.iloc[0]
+    fitted = "the split it was fitted on" if split == "val" else f"fitted on {calibration['galaxies']} val galaxies"
+    print(f"calibrated sigma on the {split} split ({fitted}): {overall['observed_1sigma']:.1f}% of the vote "
+          f"fractions within +-1 sigma (nominal {overall['nominal_1sigma']:.1f}%), {overall['observed_2sigma']:.1f}% "
+          f"within +-2 sigma ({overall['nominal_2sigma']:.1f}%){raw}")
+    title = (f"{split} split: {len(targets)} galaxies, {views_text(calibration['members'], calibration['tta'])}\n"
+             f"+-1 sigma {overall['observed_1sigma']:.1f}%, +-2 sigma {overall['observed_2sigma']:.1f}%")
+    return {f"calibration_{split}.csv": csv_writer(table, float_format="%.2f"),
+            f"calibration_{split}.png": lambda path: plot_calibration(curves, path, title)}
+
+
+def split_targets(cfg, split_name, members):
+    """(galaxy ids of the members' shared split_name split, their vote fractions, the train split's mean
+    vote fractions, the split.csv, the number of train galaxies); DataError when the split is empty or
+    unknown or labels.csv lacks its galaxies."""
+    split, split_path = shared_split(split_name, members)
+    galaxy_ids = split[split_name]
     if not len(galaxy_ids):
-        how = f"{cfg.split}_fraction=0" + (" or train_on_val" if cfg.split == "val" else "")
-        raise DataError(f"{split_path} has no {cfg.split} galaxies (trained with {how}?)")
+        how = f"{split_name}_fraction=0" + (" or train_on_val" if split_name == "val" else "")
+        raise DataError(f"{split_path} has no {split_name} galaxies (trained with {how}?)")
     label_ids, vote_fractions = read_labels(cfg.processed_dir)
     row_of = {gid: row for row, gid in enumerate(label_ids.tolist())}
     missing = [gid for gid in galaxy_ids.tolist() + split["train"].tolist() if gid not in row_of]
@@ -126,7 +160,14 @@ def evaluate_split(cfg, members, groups, written=None):
                         f"{cfg.processed_dir}/labels.csv; pass the --processed_dir the checkpoint was trained on")
     targets = vote_fractions[[row_of[gid] for gid in galaxy_ids.tolist()]]
     baseline = vote_fractions[[row_of[gid] for gid in split["train"].tolist()]].mean(0)
+    return galaxy_ids, targets, baseline, split_path, len(split["train"])
 
+
+def evaluate_split(cfg, members, groups, written=None, uncertainty=None):
+    """RMSE per question on the held-out split; with several members or TTA also the spread report;
+    with a calibration (uncertainty, galaxy/uncertainty.py) the coverage of its sigma. written (a list)
+    gets each path as it is written."""
+    galaxy_ids, targets, baseline, split_path, train_count = split_targets(cfg, cfg.split, members)
     tasks, pngs, raw = galaxy_tasks(cfg, "train", galaxy_ids.tolist())
     use_png, _ = crop_sources(cfg, groups, pngs, raw, "train")
     result = predict_ensemble(members, groups, tasks, cfg, use_png, embed=cfg.embed, description=f"predict {cfg.split}")
@@ -141,7 +182,7 @@ def evaluate_split(cfg, members, groups, written=None):
     checkpoints = members[0].path if len(members) == 1 else f"{len(members)} checkpoints"
     print(f"{cfg.split} split: {len(galaxy_ids)} galaxies, {checkpoints}"
           f"{', 8-fold TTA' if cfg.tta else ''}; baseline = mean vote fractions of the "
-          f"{len(split['train'])} train galaxies")
+          f"{train_count} train galaxies")
     print(f"{'RMSE':<36}{'model':>8}{'baseline':>10}")
     for row in table.itertuples():
         label = row.text if row.question == "all" else f"{row.question:<4} {row.text}"
@@ -156,8 +197,14 @@ def evaluate_split(cfg, members, groups, written=None):
                                      float_format="%.6f")
     if result.views > 1:
         files.update(report_spread(cfg.split, result.std, predictions, targets, result.views))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     rescue = {"galaxy_id": galaxy_ids, "mean": predictions, "std": result.std, "members": result.members}
+    if uncertainty is not None and uncertainty.calibration is not None:
+        files.update(coverage_report(cfg.split, uncertainty.calibration, predictions, result.std, result.views,
+                                     targets))
+        rescue["sigma"] = calibrated_sigma(uncertainty.calibration, predictions, result.std)
+    elif uncertainty is not None:
+        print(f"no calibrated sigma: {uncertainty.reason}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
     written = [] if written is None else written
     paths, removed = write_file_set(cfg.out_dir, files, names, rescue, written)
     for path in removed:

@@ -129,6 +129,9 @@ def read_bands(sources, stretch=None):
     if isinstance(sources, (list, tuple)):
         if len(sources) != 3:
             raise BadImage(f"wrong number of band files: {len(sources)}; give one file or three ({stretch.bands})")
+        for band, source in zip(stretch.bands, sources):
+            if isinstance(source, str) and not source:
+                raise BadImage(f"no file for band {band}: its column is empty in the catalog")
         planes = [read_planes(source) for source in sources]
         for band, plane in zip(stretch.bands, planes):
             if len(plane) != 1:
@@ -137,6 +140,8 @@ def read_bands(sources, stretch=None):
             sizes = ", ".join(f"{band} {p.shape[2]}x{p.shape[1]}" for band, p in zip(stretch.bands, planes))
             raise BadImage(f"band files differ in size: {sizes}")
         planes = np.concatenate(planes)
+    elif isinstance(sources, str) and not sources:
+        raise BadImage("no file: the file column is empty in the catalog")
     else:
         planes = read_planes(sources)
     return fill_blank(planes, stretch.max_blank)
@@ -145,8 +150,8 @@ def read_bands(sources, stretch=None):
 def fill_blank(planes, max_blank=0.2):
     """Blank (NaN) pixels, e.g. beyond a survey's edge, set to their band's median of finite pixels:
     the sky level, whether or not the sky was subtracted. BadImage for any inf (broken data, not a
-    blank), or when more than max_blank of the pixels are blank in any band (the cutout is mostly
-    off the survey)."""
+    blank), or when more than max_blank of the pixels are blank (in one band or more: the cutout is
+    mostly off the survey)."""
     if np.isinf(planes).any():
         raise BadImage(f"infinite pixel values: {int(np.isinf(planes).sum())} pixels are +-inf")
     blank = np.isnan(planes)
@@ -202,7 +207,7 @@ def rgb_to_bands(rgb, stretch=None):
     planes = np.empty_like(x)
     planes[stretch.plane_order()] = x   # colours back to file order
     scales = np.asarray(stretch.scales, np.float64)[:, None, None]
-    # a black pixel's band is anything at or below minimum; it is given exactly minimum
+    # a black pixel's band is anything that scales to minimum or below; it gets the value that scales to minimum
     return ((planes + stretch.minimum) / scales).astype(np.float32)
 
 
@@ -310,9 +315,11 @@ def main():
     result = check_agreement(jpegs, out_dir, sys.argv[3] if len(sys.argv) > 3 else None)
     print(f"{len(jpegs)} JPEGs of {folder} -> FITS (in {out_dir}) -> RGB, RMS against the JPEG (pixels and crops "
           f"in 0-255 units):")
-    for ext, values in result.items():
-        print(f"  {ext}: " + (", ".join(f"{key} {value:.5f}" for key, value in values.items())
-                              if isinstance(values, dict) else f"{values:.5f} (RMS of the JPEG votes about their mean)"))
+    for source, values in result.items():
+        if isinstance(values, dict):
+            print(f"  {source}: " + ", ".join(f"{key} {value:.5f}" for key, value in values.items()))
+        else:
+            print(f"  {source}: {values:.5f} (RMS of the JPEG votes about their mean)")
 
 
 if __name__ == "__main__":

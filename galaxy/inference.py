@@ -1,9 +1,28 @@
 """Running a trained model over a batch of uint8 images: vote fractions per view (8 with TTA), the
 penultimate features for embeddings, and the Kaggle metric."""
+import numpy as np
 import torch
 
 from dataset import NUM_OUTPUTS, dihedral
 from galaxy.numerics import autocast, prepare_batch
+
+
+INFERENCE_BATCH = 256   # the least images per forward pass on a GPU (benchmarks/common.py times inference so)
+
+
+def inference_batch(cfg, device):
+    """Images per forward pass: batch_size, and at least INFERENCE_BATCH on a GPU, where a training-sized
+    batch's fixed costs (the copy in, the kernel launches, the copy out) would leave it waiting."""
+    return max(cfg.batch_size, INFERENCE_BATCH) if device.type == "cuda" else cfg.batch_size
+
+
+def batch_tensor(crops, pin=False):
+    """uint8 (B, 3, S, S) of B HWC crops; pin: in page-locked memory, so that the copy to the GPU
+    (non_blocking in prepare_batch) runs while the CPU goes on instead of being staged and waited for."""
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+    if not pin:
+        return images.contiguous()
+    return torch.empty(images.shape, dtype=torch.uint8, pin_memory=True).copy_(images)
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from dataset import NUM_OUTPUTS
 from galaxy.checkpoints import CheckpointError
 
 
@@ -88,7 +87,7 @@ def choose_numerics(amp, channels_last, model, device, batch_size, image_size, t
     # dropout in the timed steps must not shift the run's randomness, on the CPU or the GPU
     with torch.random.fork_rng(devices=[device] if cuda else []):
         images = torch.rand(batch_size, 3, image_size, image_size, device=device)
-        targets = torch.rand(batch_size, NUM_OUTPUTS, device=device)
+        targets = torch.rand(batch_size, model.classifier[-1].out_features, device=device)   # 37, or a task's
         steps = {candidate: _timed_step(model, images, targets, *candidate, training, repeats)
                  for candidate in candidates}
         for step in steps.values():

@@ -46,6 +46,11 @@ def sibling(output, suffix, ext=None):
     return f"{base}{suffix}{'.' + ext if ext else own}"
 
 
+def shard_output(output, shard):
+    """preds.parquet -> preds.shard3of8.parquet for shard 3/8: one command line names each job's own file."""
+    return sibling(output, f".shard{shard.index}of{shard.count}")
+
+
 def output_kind(path):
     """ "csv" or "parquet" for an output's name; DataError for any other."""
     kind = table_kind(path)
@@ -124,17 +129,17 @@ def read_ids(path):
 
 
 def _nonempty(paths):
-    """The chunks of the tables at paths that hold rows; only if none does, one empty chunk (a header)."""
-    empty = None
+    """The chunks of the tables at paths that hold rows; only if none does, the first empty one (a header)."""
+    first_empty, any_rows = None, False
     for path in paths:
         for chunk in read_chunks(path):
             if len(chunk):
-                empty = False
+                any_rows = True
                 yield chunk
-            elif empty is None:
-                empty = chunk
-    if empty is not None and empty is not False:
-        yield empty
+            elif first_empty is None:
+                first_empty = chunk
+    if not any_rows and first_empty is not None:
+        yield first_empty
 
 
 def join_tables(paths, output):
@@ -281,27 +286,32 @@ class ChunkedOutput:
         return self.output
 
     def _join_embeddings(self, numbers):
-        with_rows = [n for n in numbers if len(read_ids(self.parts[n]["rows"]))]
-        have = [n for n in with_rows if "embeddings" in self.parts[n]]
+        """The parts' embeddings as one float16 .npy, appended part by part: flat memory, and one part
+        file open at a time however many there are."""
+        have = [self.parts[n]["embeddings"] for n in numbers if "embeddings" in self.parts[n]]
         if not have:
             return
-        if len(have) != len(with_rows):
-            raise DataError(f"{self.folder}: {len(with_rows) - len(have)} chunks have no embeddings (predicted "
-                            f"without --embed); remove the folder and predict again with --embed")
-        parts = [np.load(self.parts[n]["embeddings"]) for n in have]
-        total, width = sum(len(p["id"]) for p in parts), parts[0]["features"].shape[1]
+        lacking = [n for n in numbers if "embeddings" not in self.parts[n] and len(read_ids(self.parts[n]["rows"]))]
+        if lacking:
+            raise DataError(f"{self.folder}: {len(lacking)} chunks have no embeddings (predicted without --embed); "
+                            f"remove the folder and predict again with --embed")
+        ids = []
+        for path in have:
+            with np.load(path) as part:
+                ids.append(part["id"])
+        with np.load(have[0]) as part:
+            width = part["features"].shape[1]
 
         def write(tmp):
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, width))
-            start = 0
-            for part in parts:
-                out[start:start + len(part["id"])] = part["features"]
-                start += len(part["id"])
-            out.flush()
-            del out
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": (sum(map(len, ids)), width)}
+            with open(tmp, "wb") as f:   # the .npy header, then each part's rows appended as they are
+                np.lib.format.write_array_header_1_0(f, header)
+                for path in have:
+                    with np.load(path) as part:
+                        f.write(np.ascontiguousarray(part["features"], np.float16).tobytes())
         durable_write(self.embeddings_output, write)
-        ids = pd.DataFrame({"id": np.concatenate([p["id"] for p in parts])})
-        durable_write(self.embedding_ids_output, csv_writer(ids))
+        durable_write(self.embedding_ids_output, csv_writer(pd.DataFrame({"id": np.concatenate(ids)})))
 
 
 def _save_npz(path, **arrays):
@@ -330,23 +340,25 @@ def join_shards(spec, output, catalog=None, id_column="id"):
     """Join the shard outputs spec names (and their _skipped tables) into output; returns the row count.
 
     Every id must be in exactly one output: a repeated one is a DataError naming it; with the
-    original catalog, its ids found in no output are listed (the first 10 and the count), and so
-    are ids in the outputs that the catalog lacks. Nothing is written unless all checks pass.
+    original catalog, its ids found in no output are listed (the first 10 and the count), and ids
+    of the outputs that the catalog lacks are counted. Nothing is written unless all checks pass.
     """
     output_kind(output)
     paths = shard_outputs(spec, output)
     if not paths:
         raise DataError(f"--join={spec} names no shard output; quote the glob, e.g. --join='preds.shard*.parquet'")
-    seen, repeated, rows = IdSet(), [], 0
+    seen, repeated, count, rows = IdSet(), [], 0, 0
     for path in paths:
         for table in (path, sibling(path, "_skipped")):
             if table == path or os.path.isfile(table):
                 ids = read_ids(table)
                 rows += len(ids) if table == path else 0
-                repeated += [f"{i} (again in {table})" for i in ids[seen.add(ids)]]
-    if repeated:
-        raise DataError(f"{len(repeated)} ids are in more than one shard output: {_listed(repeated, len(repeated))}; "
-                        f"were two jobs given the same --shard? Remove the wrong output and join again")
+                again = ids[seen.add(ids)]
+                count += len(again)
+                repeated += [f"{i} (again in {table})" for i in again[:10 - len(repeated)]]
+    if count:
+        raise DataError(f"{count} ids are in more than one shard output: {_listed(repeated, count)}; were two jobs "
+                        f"given the same --shard? Remove the wrong output and join again")
     if catalog is not None:
         missing, count, in_catalog = [], 0, 0
         for ids in catalog_ids(catalog, id_column):

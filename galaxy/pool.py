@@ -40,6 +40,9 @@ def start_worker(job, stop):
     global worker_stop
     signal.signal(NUDGE, _abandon)   # first: the default action of SIGUSR1 would end the worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+    # Pool.terminate's SIGTERM must end a worker: a handler inherited from the parent (train.py's
+    # saves last.pt) would keep one blocked on the task queue's lock alive, and terminate() waiting
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     forget_open_zips()
     forget_open_folders()
     worker_job.update(job)
@@ -90,22 +93,27 @@ def _end_early(pool):
         pool.terminate()
 
 
-def run_pool(function, tasks, workers, job, description, progress=True, ordered=False):
+def run_pool(function, tasks, workers, job, description, progress=True, ordered=False, total=None):
     """Yield function(task) for every task from a pool of workers, with a progress bar in img/s.
+
+    tasks is listed first, unless total (its length, for the bar) is given: then it may be a
+    generator, which the pool's task thread reads as it hands tasks out (galaxy/survey.py bounds it).
 
     A run that ends early (an error, Ctrl-C, a consumer that stops) lets its workers finish
     instead of killing them: Pool.terminate() kills a worker even while it holds the result
     queue's lock, and then waits forever for that lock (seen here: 2 hangs in about 450 runs
     stopped by a full disk under load). The stop event makes the tasks still queued return at once.
     """
-    tasks = list(tasks)
-    chunk = max(1, min(32, len(tasks) // (8 * workers)))
+    if total is None:
+        tasks = list(tasks)
+        total = len(tasks)
+    chunk = max(1, min(32, total // (8 * workers)))
     stop = multiprocessing.Event()
     with Pool(workers, initializer=start_worker, initargs=(job, stop)) as pool:
         try:
             results = (pool.imap if ordered else pool.imap_unordered)(partial(_unless_stopped, function), tasks,
                                                                       chunksize=chunk)
-            yield from tqdm(results, total=len(tasks), desc=description, unit="img",
+            yield from tqdm(results, total=total, desc=description, unit="img",
                             disable=not progress, smoothing=0.1)
         except BaseException:
             stop.set()

@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 
-from config import build_config, config_from_dict, cpu_count
+from config import build_config, config_from_dict, cpu_count, max_workers
 from galaxy.checkpoints import CheckpointError, read_checkpoint
 from galaxy.crop import CROP_KEYS, crop_settings
 from galaxy.files import atomic_write, lock_folder, remove_dead_temp_files, writable_folder
@@ -33,14 +33,16 @@ CHANGEABLE_ON_RESUME = (
     "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",
     "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
     "scale",                                          # bench.py only
+    "lr_pretrained",                                  # as lr: the loaded layers' share of it
 )
 # a resumed run takes this machine's value of these unless given again, not the saved one
-MACHINE_KEYS = ("workers", "threads", "members_at_once")
+MACHINE_KEYS = ("workers", "members_at_once")
 # ... and not these: they define what is trained, so a change would make one run of two halves
 FIXED_ON_RESUME = (
     "batch_size", "schedule", "seed", "split_seed", "val_fraction", "test_fraction", "train_on_val", "output",
     "dropout", "weight_decay", "ema", "init_from", *CROP_KEYS,
     "aug_flips", "aug_rotate", "aug_shift", "aug_zoom", "aug_brightness",
+    "labels", "label_columns", "images_dir", "init_layers", "freeze", "balance",   # the task and what trains
 )
 
 
@@ -59,15 +61,39 @@ def parse_config(overrides):
                                   f"or point --out_dir at the run to continue")
         checkpoint = read_checkpoint(path)
         saved = config_from_dict(checkpoint["config"]).to_dict()
-        # how many processes and threads the run had belongs to the machine it ran on, not to the run:
-        # a run resumed on a smaller machine takes this one's defaults unless they are given again
+        # how many processes the run had belongs to the machine it ran on, not to the run: a run resumed on
+        # a smaller machine takes this one's defaults unless they are given again. Its threads are kept
+        # (they change the float sums, and an exact resume needs the same), but never above this machine's bound
         for key in MACHINE_KEYS:
             saved.pop(key, None)
+        saved["threads"] = min(saved.get("threads", 0), max_workers())
         cfg = build_config({**saved, **overrides, "out_dir": cfg.out_dir})   # the run is where last.pt is
-    cfg = adopt_crop_settings(cfg, overrides)
+    if cfg.labels:   # a user's images are cut from their files as the init_from network's were
+        cfg = adopt_init_settings(cfg, overrides) if checkpoint is None else cfg
+    else:
+        cfg = adopt_crop_settings(cfg, overrides)
     if checkpoint is not None:
         check_resume(cfg, checkpoint)
+    check_fine_tuning(cfg)
     return cfg, checkpoint
+
+
+def adopt_init_settings(cfg, overrides):
+    """--labels with --init_from: the crop keys (image_size included) of the checkpoint it starts from,
+    unless given: the loaded layers then see galaxies at the scale they learnt them."""
+    if not cfg.init_from:
+        return cfg
+    saved = config_from_dict(read_checkpoint(cfg.init_from).get("config") or {})
+    return build_config({**{key: getattr(saved, key) for key in CROP_KEYS}, **overrides})
+
+
+def check_fine_tuning(cfg):
+    """ValueError for fine-tuning keys that cannot apply: freezing needs loaded layers to keep."""
+    if cfg.freeze != "none" and not (cfg.labels and cfg.init_from):
+        raise ValueError(f"--freeze={cfg.freeze} needs --labels and --init_from: it keeps the loaded layers fixed")
+    if cfg.freeze == "hidden" and cfg.init_layers != "hidden":
+        raise ValueError("--freeze=hidden with --init_layers=features would keep random hidden layers fixed; "
+                         "pass --freeze=features, or --init_layers=hidden")
 
 
 def adopt_crop_settings(cfg, overrides):
@@ -115,7 +141,7 @@ def read_init_weights(cfg):
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"--init_from={cfg.init_from} has no model/config; it was not written by train.py")
     saved = config_from_dict(checkpoint["config"])
-    if (saved.image_size, saved.output) != (cfg.image_size, cfg.output):
+    if not cfg.labels and (saved.image_size, saved.output) != (cfg.image_size, cfg.output):   # --labels: a new head
         raise CheckpointError(f"--init_from={cfg.init_from} holds a model for image_size {saved.image_size}, "
                               f"output {saved.output}, not image_size {cfg.image_size}, output {cfg.output}; "
                               f"start from a checkpoint of the same shape")
@@ -153,10 +179,12 @@ def save_checkpoints(paths, state):
 def checkpoint_state(raw_model, optimizer, scheduler, cfg, progress, aug_generator, device, train_mean, numerics,
                      averaged_model=None):
     """Everything --resume needs to go on exactly where the run was. "model" holds the weights to
-    predict with: with --ema the averaged ones, and the trained ones under "trained_model"."""
+    predict with: with --ema the averaged ones, and the trained ones under "trained_model". A model
+    for a user's labels adds its task record (galaxy/tasks.py), which sizes its head when it is loaded."""
     weights = {"model": raw_model.state_dict()} if averaged_model is None else {
         "model": averaged_model.state_dict(), "trained_model": raw_model.state_dict()}
     return {
+        **({"task": raw_model.task} if raw_model.task else {}),
         "numerics": numerics,  # what amp/channels_last "auto" chose, so a resumed run keeps it
         **weights,
         "optimizer": optimizer.state_dict(),
@@ -211,7 +239,8 @@ def repair_best(cfg, checkpoint):
         checkpoint["best_val_rmse"] = math.inf
         print(f"{path} is missing: the end of this epoch writes it")
         return
-    checkpoint["best_val_rmse"] = checkpoint["history"][-1]["val_rmse"]
+    last = checkpoint["history"][-1]   # a run of classes (galaxy/tasks.py) is chosen by 1 - balanced accuracy
+    checkpoint["best_val_rmse"] = last["val_rmse"] if "val_rmse" in last else 1 - last["val_balanced_accuracy"]
     save_checkpoint(path, checkpoint)
     print(f"{path} was missing: wrote last.pt's weights (epoch {checkpoint['epoch']}) as best.pt")
 

@@ -12,7 +12,7 @@ import pytest
 
 from galaxy.catalog import IdSet, id_digests, parse_shard, read_catalog, shard_of
 from galaxy.files import DataError
-from galaxy.parts import ChunkedOutput, join_shards, prediction_table, sibling
+from galaxy.parts import ChunkedOutput, join_shards, prediction_table, shard_output, sibling
 
 TESTS = Path(__file__).resolve().parent
 
@@ -51,7 +51,7 @@ def test_band_columns_give_three_paths_and_ids_only(tmp_path):
     table = pd.DataFrame({"objid": ["a", "b"], "g": ["a_g.fits", "b_g.fits"], "r": ["a_r.fits", "b_r.fits"],
                           "i": ["a_i.fits", ""]})
     table.to_csv(tmp_path / "cat.csv", index=False)
-    rows = all_rows(str(tmp_path / "cat.csv"), id_column="objid", band_columns=["g", "r", "i"])
+    rows = all_rows(str(tmp_path / "cat.csv"), id_column="objid", band_columns="g, r,i")
     assert rows["source"][0] == tuple(str(tmp_path / f"a_{b}.fits") for b in "gri")
     assert rows["source"][1][2] == "" and rows["file"][0] == "a_g.fits, a_r.fits, a_i.fits"
     assert all_rows(str(tmp_path / "cat.csv"), id_column="objid", file_column=None)["id"].tolist() == ["a", "b"]
@@ -70,10 +70,10 @@ def test_parquet_integer_ids_stay_integers_as_text(tmp_path):
     (["1", "2"], {"id_column": "objid"}, r"has no column 'objid' \(it has: id, file\); name the column with "
                                          r"--id_column=\.\.\."),
     (["1", "2"], {"file_column": "path"}, "has no column 'path'.*--file_column=..."),
-    (["1", "2", "1"], {}, "id 1 on row 3 repeats row 1; ids must be unique"),
-    ([str(i) for i in range(30)] + ["4"], {"chunk_rows": 8}, "id 4 on row 31 repeats row 5"),
+    (["1", "2", "1"], {}, "id 1 on line 4 repeats line 2; ids must be unique"),
+    ([str(i) for i in range(30)] + ["4"], {"chunk_rows": 8}, "id 4 on line 32 repeats line 6"),
     ([], {}, "has no rows; it needs a header and one row per galaxy"),
-    (["1", ""], {}, "row 2: the id column is empty"),
+    (["1", ""], {}, "line 3: the id column is empty"),
     (["1"], {"band_columns": ["file", "file"]}, "give three columns"),
 ])
 def test_bad_catalogs_are_one_line_errors(tmp_path, ids, options, message):
@@ -101,6 +101,15 @@ def test_parse_shard():
                          ("2", "expected K/N"), ("a/b", "expected K/N"), ("1/2/3", "expected K/N")):
         with pytest.raises(ValueError, match=message):
             parse_shard(bad)
+
+
+def test_shard_from_torchrun_or_slurm_array_environment():
+    assert parse_shard("env", {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8"}
+    assert parse_shard("env", slurm) == (4, 8)   # --array=1-8 counts from 1
+    with pytest.raises(ValueError, match="neither RANK and WORLD_SIZE"):
+        parse_shard("env", {})
+    assert shard_output("out/preds.parquet", parse_shard("3/8")) == "out/preds.shard3of8.parquet"
 
 
 def test_shards_are_stable_and_cover_every_id_once(tmp_path):
@@ -282,6 +291,9 @@ def test_join_shards_names_missing_and_repeated_ids(tmp_path):
         join_shards(str(tmp_path / "preds.shard*.parquet"), str(tmp_path / "all.parquet"))
     assert not os.path.exists(tmp_path / "all.parquet")
     first.to_parquet(tmp_path / "preds.shard0.parquet", index=False)
+    smaller = write_catalog(tmp_path / "smaller.csv", [i for i in ids if i not in (17, 30)])
+    with pytest.raises(DataError, match=r"^1 ids of the shard outputs are not in .*smaller.csv"):
+        join_shards(str(tmp_path / "preds.shard*.parquet"), str(tmp_path / "all.parquet"), catalog=smaller)
     assert join_shards([str(tmp_path / "preds.shard*.parquet")], str(tmp_path / "all.csv")) == 28
     joined, skipped = read_output(str(tmp_path / "all.csv")), read_output(str(tmp_path / "all_skipped.csv"))
     assert sorted(joined["id"].tolist() + skipped["id"].tolist(), key=int) == [str(i) for i in ids if i != 17]

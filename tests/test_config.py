@@ -193,7 +193,7 @@ def test_help_exits_0_with_usage_and_keys(script, flag):
     if script == "plot_image.py":
         assert "usage: python plot_image.py <galaxy> [--key=value ...]" in result.stdout
     if script == "bench.py":
-        assert "<accuracy|curve|gpu|preprocess|scale|similar|train>" in result.stdout
+        assert "<accuracy|curve|finetune|gpu|preprocess|scale|similar|survey|train>" in result.stdout
 
 
 def test_unknown_key_points_to_help():

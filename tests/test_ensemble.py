@@ -13,6 +13,7 @@ import torch
 
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, read_labels
+from galaxy.calibration import calibrated_sigma, load_calibration
 from galaxy.checkpoints import CheckpointError, load_model, read_checkpoint
 from galaxy.ensemble import load_members, predict_batch, resolve_checkpoints
 from galaxy.inference import predict_views
@@ -104,7 +105,10 @@ def test_mixed_crop_ensemble_is_the_mean_of_its_members_alone(ensemble, tmp_path
     for k, path in enumerate(ensemble["paths"]):
         run_main(monkeypatch, capsys, f"--checkpoint={path}", f"--out_dir={tmp_path / str(k)}", *data)
         alone.append(pd.read_csv(tmp_path / str(k) / "submission.csv"))
-        assert not (tmp_path / str(k) / "submission_std.csv").exists()   # one member, no TTA: no spread
+        # one member without TTA has no spread; its calibrated sigma is the floor and p(1-p) terms alone
+        sigma = pd.read_csv(tmp_path / str(k) / "submission_std.csv")[LABEL_COLUMNS].to_numpy()
+        expected = calibrated_sigma(load_calibration(path.parent), alone[k][LABEL_COLUMNS].to_numpy())
+        np.testing.assert_allclose(sigma, expected, atol=1e-5)
     out = run_main(monkeypatch, capsys, f"--checkpoint={ensemble['run_dir']}", f"--out_dir={tmp_path}", *data)
     assert "processed PNGs" in out and "raw JPEGs" in out and "crop=center" in out
     submission = pd.read_csv(tmp_path / "submission.csv")
@@ -112,9 +116,14 @@ def test_mixed_crop_ensemble_is_the_mean_of_its_members_alone(ensemble, tmp_path
     assert submission["GalaxyID"].tolist() == alone[0]["GalaxyID"].tolist()
     a, b = (table[LABEL_COLUMNS].to_numpy() for table in alone)
     np.testing.assert_allclose(submission[LABEL_COLUMNS], (a + b) / 2, atol=2e-6)
-    spread = pd.read_csv(tmp_path / "submission_std.csv")
-    assert list(spread.columns) == ["GalaxyID"] + LABEL_COLUMNS
-    np.testing.assert_allclose(spread[LABEL_COLUMNS], np.abs(a - b) / 2, atol=2e-6)
+    sigma = pd.read_csv(tmp_path / "submission_std.csv")
+    assert list(sigma.columns) == ["GalaxyID"] + LABEL_COLUMNS
+    # the spread of two members is half their difference; the ensemble's calibration lives in its folder
+    calibration = load_calibration(ensemble["run_dir"] / "calibration.json")
+    assert calibration["members"] == 2 and calibration["tta"] is False
+    # (a and b are rounded to 6 decimals, and a random member's spread is scaled up a lot)
+    np.testing.assert_allclose(sigma[LABEL_COLUMNS], calibrated_sigma(calibration, (a + b) / 2, np.abs(a - b) / 2),
+                               rtol=0.05, atol=1e-4)
 
 
 def test_members_with_another_split_are_a_one_line_error(ensemble, tmp_path):

@@ -199,8 +199,17 @@ def test_empty_unreadable_and_mismatched_files(tmp_path):
         gf.read_bands([str(tmp_path / n) for n in ("g.fits", "r.fits", "g.fits")])
     with pytest.raises(BadImage, match="band file g holds 3 planes"):
         gf.read_bands([str(tmp_path / n) for n in ("good.fits", "r.fits", "g.fits")])
+    with pytest.raises(BadImage, match="no file for band r: its column is empty"):
+        gf.read_bands([str(tmp_path / "g.fits"), "", str(tmp_path / "g.fits")])
     with pytest.raises(BadImage, match="wrong number of band files: 2"):
         gf.read_bands([str(tmp_path / "g.fits")] * 2)
+
+
+def test_too_many_pixels_is_refused_from_the_header(tmp_path, monkeypatch):
+    gf.write_fits(tmp_path / "big.fits", galaxy_cube())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIDE * SIDE - 1)
+    with pytest.raises(BadImage, match=f"too many pixels: {SIDE}x{SIDE} is above the limit of {SIDE * SIDE - 1}"):
+        gf.read_bands(str(tmp_path / "big.fits"))
 
 
 # --- into crop_galaxy -------------------------------------------------------------------------------
@@ -220,3 +229,15 @@ def _png(rgb):
     out = io.BytesIO()
     Image.fromarray(rgb).save(out, format="PNG")
     return out.getvalue()
+
+
+def test_check_agreement_finds_the_fits_step_exact(tmp_path):
+    paths = []
+    for seed in range(2):
+        paths.append(tmp_path / f"{seed}.jpg")
+        paths[-1].write_bytes(jpeg_bytes(np.stack([sky_with_galaxies(seed=seed)] * 3, axis=-1) * [0.8, 1, 1.2]))
+    result = gf.check_agreement([str(p) for p in paths], str(tmp_path / "fits"), formats=(".fits", ".fz"))
+    assert set(result) == {"png", ".fits", ".fz"}
+    for source in (".fits", ".fz"):
+        assert result[source]["pixels"] < 0.05 and result[source]["crops_vs_png"] < 0.05
+        assert result[source]["crops_vs_jpeg"] == pytest.approx(result["png"]["crops_vs_jpeg"], abs=0.05)

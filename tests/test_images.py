@@ -132,7 +132,9 @@ def test_predict_a_folder_with_two_checkpoints_and_tta(files, tmp_path, monkeypa
     assert list(predictions.columns) == ["file"] + LABEL_COLUMNS + ["summary"]
     assert [Path(name).name for name in predictions["file"]] == files["good"]
     assert predictions["summary"].str.len().gt(5).all()
-    spread = pd.read_csv(tmp_path / "predictions_std.csv")
+    # no split.csv beside these checkpoints: no calibration, so the raw spread (never named std)
+    spread = pd.read_csv(tmp_path / "predictions_spread.csv")
+    assert not (tmp_path / "predictions_std.csv").exists()
     assert list(spread.columns) == ["file"] + LABEL_COLUMNS and (spread[LABEL_COLUMNS].to_numpy() > 0).any()
     skipped = pd.read_csv(tmp_path / "predictions_skipped.csv").set_index("file")
     reasons = {Path(name).name: reason for name, reason in skipped["reason"].items()}
@@ -204,7 +206,7 @@ def test_every_file_name_round_trips_through_the_csvs(files, tmp_path, monkeypat
     checkpoints = ",".join(str(p) for p in files["checkpoints"])
     run_main(monkeypatch, f"--checkpoint={checkpoints}", f"--images={folder}", "--tta", "--embed",
              f"--out_dir={out}", *FAST)
-    for name in ("predictions.csv", "predictions_std.csv"):
+    for name in ("predictions.csv", "predictions_spread.csv"):
         table = pd.read_csv(out / name)
         assert len(table) == len(NAMES) and as_bytes(table["file"]) == paths
     assert f"{folder}/\\xff\\xfebad.jpg" in table["file"].tolist()   # as Python's backslashreplace writes it
@@ -261,11 +263,11 @@ def test_a_run_replaces_the_whole_set_of_an_earlier_one(files, tmp_path, monkeyp
     out = tmp_path / "out"
     both = ",".join(str(p) for p in files["checkpoints"])
     run_main(monkeypatch, f"--checkpoint={both}", f"--images={files['folder'] / 'a.jpg'}", f"--out_dir={out}", *FAST)
-    assert (out / "predictions_std.csv").is_file()
+    assert (out / "predictions_spread.csv").is_file()
     run_main(monkeypatch, f"--checkpoint={files['checkpoints'][0]}", f"--images={files['folder'] / 'b.png'}",
              f"--out_dir={out}", *FAST)
-    assert f"removed {out / 'predictions_std.csv'}: an earlier run's" in capsys.readouterr().out
-    assert not (out / "predictions_std.csv").exists()   # it was about a.jpg
+    assert f"removed {out / 'predictions_spread.csv'}: an earlier run's" in capsys.readouterr().out
+    assert not (out / "predictions_spread.csv").exists()   # it was about a.jpg
     assert pd.read_csv(out / "predictions.csv")["file"].tolist() == [str(files["folder"] / "b.png")]
 
     folder = tmp_path / "in"
@@ -294,7 +296,7 @@ def test_a_failed_write_keeps_the_earlier_set_and_the_predictions(files, tmp_pat
     to_csv = pd.DataFrame.to_csv
 
     def failing(table, path, *args, **kwargs):
-        if "predictions_std.csv" in str(path):
+        if "predictions_spread.csv" in str(path):
             raise failure
         return to_csv(table, path, *args, **kwargs)
     monkeypatch.setattr(pd.DataFrame, "to_csv", failing)
@@ -336,7 +338,7 @@ def test_an_interrupt_says_exactly_what_was_written(files, tmp_path, monkeypatch
     monkeypatch.setattr(os, "replace", replace_after_ctrl_c)
     with pytest.raises(SystemExit) as exit_info:
         run_main(monkeypatch, f"--images={files['folder']}", *args)
-    names = ["predictions_std.csv", "predictions_skipped.csv", "predictions.csv"]
+    names = ["predictions_spread.csv", "predictions_skipped.csv", "predictions.csv"]
     assert exit_info.value.code == (f"interrupted after writing {', '.join(str(tmp_path / n) for n in names)}; "
                                     f"nothing else written")
-    assert sorted(Path(p).name for p in pd.read_csv(tmp_path / "predictions_std.csv")["file"]) == files["good"]
+    assert sorted(Path(p).name for p in pd.read_csv(tmp_path / "predictions_spread.csv")["file"]) == files["good"]

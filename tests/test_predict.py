@@ -352,7 +352,9 @@ def test_a_submission_replaces_the_whole_set_of_an_earlier_one(demo, tmp_path, m
     monkeypatch.setattr(sys, "argv", ["predict.py", *args, f"--processed_dir={demo['processed_dir']}"])
     predict_main()
     printed = capsys.readouterr().out
-    for name in ("submission_std.csv", "submission_skipped.csv"):
-        assert not (out / name).exists() and f"removed {out / name}: an earlier run's" in printed
+    name = "submission_skipped.csv"
+    assert not (out / name).exists() and f"removed {out / name}: an earlier run's" in printed
     submission = pd.read_csv(out / "submission.csv")
     assert submission["GalaxyID"].tolist() == sorted(png_ids(demo["processed_dir"] / "test").tolist())
+    # one checkpoint without TTA has a calibrated sigma too: the second run's, with a row for every galaxy
+    assert pd.read_csv(out / "submission_std.csv")["GalaxyID"].tolist() == submission["GalaxyID"].tolist()

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from config import Config
+from config import Config, max_workers
 from galaxy import runs
 from galaxy.files import DataError
 from galaxy.runs import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME
@@ -106,7 +106,8 @@ def test_a_run_from_a_bigger_machine_resumes_with_this_machines_workers(full_run
     checkpoint["config"].update(workers=1000, threads=500, members_at_once=300)   # a 256-core machine's
     torch.save(checkpoint, out_dir / "last.pt")
     cfg, _ = runs.parse_config({"out_dir": str(out_dir), "resume": True, "epochs": 3})
-    assert (cfg.workers, cfg.threads, cfg.members_at_once) == (Config().workers, 0, 1)
+    assert (cfg.workers, cfg.members_at_once) == (Config().workers, 1)
+    assert cfg.threads == max_workers()   # kept as near as this machine allows: they change the float sums
     cfg, _ = runs.parse_config({"out_dir": str(out_dir), "resume": True, "epochs": 3, "workers": 1})
     assert cfg.workers == 1
 
