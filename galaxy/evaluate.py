@@ -138,7 +138,7 @@ def coverage_report(split, calibration, predictions, std, views, targets):
           f"fractions within +-1 sigma (nominal {overall['nominal_1sigma']:.1f}%), {overall['observed_2sigma']:.1f}% "
           f"within +-2 sigma ({overall['nominal_2sigma']:.1f}%){raw}")
     title = (f"{split} split: {len(targets)} galaxies, {views_text(calibration['members'], calibration['tta'])}\n"
-             f"+-1 sigma {overall['observed_1sigma']:.1f}%, +-2 sigma {overall['observed_2sigma']:.1f}%")
+             f"±1σ holds {overall['observed_1sigma']:.1f}%, ±2σ {overall['observed_2sigma']:.1f}% of the vote fractions")
     return {f"calibration_{split}.csv": csv_writer(table, float_format="%.2f"),
             f"calibration_{split}.png": lambda path: plot_calibration(curves, path, title)}
 

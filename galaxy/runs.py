@@ -32,6 +32,7 @@ CHANGEABLE_ON_RESUME = (
     "resume", "members", "members_at_once", "recipe", "ids",   # not read by a resumed run, nor are the next
     "raw_dir", "demo", "demo_dir", "demo_train", "demo_test",
     "checkpoint", "split", "tta", "show", "images", "embed", "similar", "embeddings",   # predict.py, plot_image.py only
+    "calibration", "catalog", "output_file", "id_column", "file_column", "band_columns", "shard", "join",
     "scale",                                          # bench.py only
     "lr_pretrained",                                  # as lr: the loaded layers' share of it
 )

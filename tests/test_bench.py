@@ -84,7 +84,7 @@ def test_gpu_table_formats_a_run():
                "predict_tta_beyond": 12_000.0, "predict_tta_startup": 3.2, "model_inference": 100_000.0,
                "checkpoint_once": 0.18, "checkpoint_twice": 0.39, "torchrun_ok": True,
                "torchrun_seconds": 12.34, "alone_seconds": 20.0, "side_by_side_seconds": 80.0,
-               "side_by_side_gain": 2.0, "total_seconds": 190.0}
+               "side_by_side_gain": 2.0, "total_seconds": 190.0, "catalog": 80_000.0, "catalog_steady": 92_000.0}
     lines = gpu_table(results, "### title").splitlines()
     assert lines[:4] == ["### title", "", "| check | result | goal |", "|---|---|---|"]
     assert "| CUDA tests (`pytest -q -k cuda tests/`) | 1 passed, 0 failed, 0 skipped, 0 errors, exit 0 (31 s) " \
@@ -96,13 +96,15 @@ def test_gpu_table_formats_a_run():
             "| ≥ 0.9 × model only (100,000 img/s), beyond start-up: 0.95 |" in lines)
     assert ("| predict.py --tta, 5,000 PNGs | 4,000 img/s in all; 12,000 img/s beyond 3.2 s of start-up "
             "| ≥ 0.9 × model only / 8 (12,500 img/s), beyond start-up: 0.96 |" in lines)
+    assert any(line.startswith("| predict.py --catalog, ") and "80,000 img/s in all; 92,000 img/s steady" in line
+               and "steady: 0.92 |" in line for line in lines)
     assert "| torchrun, 1 GPU, 20 steps of train.py | ok in 12.3 s | succeeds |" in lines
     assert ("| 8 members side by side (`--members_at_once`), 60 epochs each | 80.0 s; one alone 20.0 s "
             "| more members an hour than one after another: 2.00× |" in lines)
     assert "| the whole check | 190 s | < 8 min: met |" in lines
     assert ("| an improving epoch's checkpoints (best.pt + last.pt) | 0.18 s written once and linked; 0.39 s twice "
             "| once ≤ 0.6 × twice: 0.46 |" in lines)
-    assert len(lines) == 4 + 11
+    assert len(lines) == 4 + 12
 
 
 def test_members_side_by_side_check_trains_both_ways(demo_processed, tmp_path, monkeypatch):
