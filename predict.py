@@ -57,7 +57,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from config import get_config, script_keys
+from config import Config, get_config, script_keys
 from dataset import LABEL_COLUMNS, DataError, read_labels, read_split, vote_summary
 from galaxy import kaggle_raw
 from galaxy.checkpoints import CheckpointError
@@ -303,12 +303,23 @@ def written_note(written, message):
     return f" (written before it stopped: {', '.join(others)})" if others else ""
 
 
+def catalog_keys_unread(cfg):
+    """The --catalog keys set (away from their defaults) on a run that reads no catalog: an error, since
+    they would silently do nothing (a --shard=3/8 job without --catalog would predict everything)."""
+    unread = ("shard", "band_columns", "file_column") + (() if cfg.join else ("output_file", "id_column"))
+    return [f"--{key}" for key in unread if getattr(cfg, key) != getattr(Config, key)]
+
+
 def main():
     cfg = get_config(doc=__doc__, keys=script_keys("predict"))
     if hasattr(sys.stdout, "reconfigure"):   # a path that is not UTF-8 in a message must not end the run
         sys.stdout.reconfigure(errors="backslashreplace")
     written = []   # each output once it is whole: what an error or Ctrl-C leaves is said exactly
     try:
+        unread = [] if cfg.catalog else catalog_keys_unread(cfg)
+        if unread:
+            raise DataError(f"{', '.join(unread)} {'acts' if len(unread) == 1 else 'act'} only with --catalog: add "
+                            f"--catalog=<a CSV or parquet table of ids and images>, or leave {'it' if len(unread) == 1 else 'them'} out")
         if cfg.join:   # the --catalog shard outputs as one table: no checkpoint needed
             return join_outputs(cfg, written)
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it

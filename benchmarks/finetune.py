@@ -44,10 +44,10 @@ CLASSES_SAMPLE = REPO.parent / "shared/data/galaxy-classes-sample"
 VAL, TEST = 0.1, 0.2
 SIZES = (100, 300, 1000, "all")
 SEEDS = (1, 2)
-# epochs per point, the same for both starts: a small set takes more passes (100 labels: 90 steps), a large
-# one fewer (all: 522 steps), so that the whole table fits in about an hour on two busy cores. A fixed budget:
-# scratch may gain more than fine-tuning from a longer one
-EPOCHS = {100: 30, 300: 20, 1000: 10, "all": 6}
+# epochs per point, the same for both starts: a small set takes more passes (100 labels: 300 steps), a large
+# one fewer (all: 1,740 steps). Scratch needs them: with 6 epochs on all labels it scored 0.72, with 20 0.89
+# (benchmarks/ACCURACY.md); fine-tuning had converged at 6
+EPOCHS = {100: 100, 300: 50, 1000: 30, "all": 20}
 BATCH = 32   # 100 labels give 3 steps an epoch
 # fixed by the benchmark, never passed on to train.py
 NOT_PASSED = ("raw_dir", "processed_dir", "out_dir", "labels", "init_from", "seed", "split_seed", "val_fraction",
@@ -165,6 +165,9 @@ def draw_figure(rows, path, title):
         if not shot.empty:
             ax.axhline(shot[metric].iloc[0], color="gray", ls="--", label="zero-shot (Galaxy Zoo votes)")
         ax.set_xscale("log")
+        sizes = sorted(set(table.loc[table["init"] != "zero-shot", "labels"]))
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training labels")
         ax.set_ylabel(f"test {metric.replace('_', ' ')}")
         ax.set_ylim(0, 1)
@@ -217,7 +220,7 @@ def run_finetune(cfg, overrides):
     table = summary(done)
     atomic_write(results / "summary.csv", csv_writer(table, float_format="%.4f"))
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    title = (f"{labelled.source}: test split of {counts['test']} (split_seed {cfg.split_seed}); "
+    title = (f"{Path(labelled.source).name}: test split of {counts['test']} (split_seed {cfg.split_seed}); "
              f"{stamp['date']}, {stamp['machine'][:60]}")
     draw_figure(done, results / "finetune.png", title)
     print(f"saved {csv_path}, {results / 'summary.csv'} and {results / 'finetune.png'}")

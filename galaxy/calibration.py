@@ -3,22 +3,33 @@
 The raw spread (std over members x TTA views) ranks galaxies by error but is several times smaller
 than the error, so it cannot be read as an error bar. This file owns the model that turns it into one:
 
-    sigma^2 = scale^2 * spread^2 + floor^2 + shape^2 * p (1 - p),    sigma <= 0.5
+    sigma^2 = scale^2 * spread^2 + floor^2 + size^2 * p^2 + reach^2 * r^2,    sigma <= 0.5
 
-one (scale, floor, shape) per output column, fitted on the val split: first by maximising the
+one (scale, floor, size, reach) per output column, fitted on the val split: first by maximising the
 Gaussian likelihood of the residuals (prediction - truth), which says how sigma varies from galaxy
-to galaxy, then scaled per output so that +-1 and +-2 sigma hold close to 68% and 95% of the val
-errors (coverage_factor says why the likelihood alone does not). p is the predicted vote fraction:
-one near 0 or 1 has small errors (most galaxies never reach the deeper questions), which the
-p (1 - p) term lets sigma follow even for a single model without TTA, whose spread is 0 and whose
-sigma is then sqrt(floor^2 + shape^2 p (1 - p)). Per output, not per question: the answers of one
-question have errors of very different size (Class1.3 "star or artifact" against Class1.1
-"smooth"), so a shared sigma would be too wide for one and too narrow for the other.
+to galaxy, then scaled per output so that the larger of the misses of +-1 and +-2 sigma against 68%
+and 95% of the val errors is as small as it can be (coverage_factor says why the likelihood alone
+does not). p is the predicted vote fraction and r the predicted fraction of voters who reached its
+question: the parent answer's column (Galaxy Zoo normalises a deeper question's answers to sum to
+it), 1 for Q1 and Q6, which every voter answers (there the reach term is 0 and the floor does its
+job). Per output, not per question: the answers of one question have errors of very different
+size (Class1.3 "star or artifact" against Class1.1 "smooth").
+
+Why p^2 and r^2: vote-fraction errors are heavy-tailed. Most galaxies never reach the deeper
+questions (r near 0), so their deeper answers are near 0 and off by 0.01, while the few that do
+are off by 0.1-0.2; an answer's error grows with its own size the same way. A width that follows
+p and r per galaxy turns that mixture into errors of one scale, which one Gaussian width can cover
+at both +-1 and +-2 sigma; one width for small and large deep answers alike covers too much at
++-1 sigma and too little at +-2. The form was chosen by cross-validation within the val split
+(docs/usage.md has the figures). A calibration.json of another form (an older version's) is
+refused, and predict.py fits it again. A single model without TTA has a spread of 0 and a sigma
+of sqrt(floor^2 + size^2 p^2 + reach^2 r^2).
 
 The fitted model is a small JSON-able dict (to_json / from_json, save / load as calibration.json)
-that records the setting its spread came from (members, TTA): the scale of a spread over 16 views
-does not apply to a spread over 2. Also here: coverage of +-1 and +-2 sigma, overall and per
-question, and the calibration curve (nominal Gaussian coverage against the observed) with its plot.
+that records its form and the setting its spread came from (members, TTA): the scale of a spread
+over 16 views does not apply to a spread over 2. Also here: coverage of +-1 and +-2 sigma, overall
+and per question, and the calibration curve (nominal Gaussian coverage against the observed) with
+its plot.
 """
 import json
 import math
@@ -35,10 +46,14 @@ from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS
 from galaxy.files import DataError, atomic_write
 
 CALIBRATION_FILE = "calibration.json"
-FORM = "sigma^2 = scale^2 * spread^2 + floor^2 + shape^2 * p(1-p), sigma <= max_sigma"
+# the form: a calibration.json of another form (an older version's) is refused by from_dict, so fitted again
+FORM = ("sigma^2 = scale^2 * spread^2 + floor^2 + size^2 * p^2 + reach^2 * r^2, r = p of the parent answer, "
+        "sigma <= max_sigma")
 MIN_FLOOR = 1e-3    # a sigma of 0 would make any nonzero error infinitely unlikely
 MAX_SIGMA = 0.5     # the largest standard deviation a number in [0, 1] can have
-TERMS = ("scale", "floor", "shape")
+TERMS = ("scale", "floor", "size", "reach")
+# each output's parent column (the answer that leads to its question), -1 for Q1 and Q6's outputs
+PARENT = np.array([LABEL_COLUMNS.index(q.parent) if q.parent else -1 for q in QUESTIONS for _ in q.columns])
 FACTOR_GRID = np.exp(np.linspace(np.log(0.25), np.log(4), 801))   # coverage_factor's candidates, 0.35% apart
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -68,10 +83,18 @@ def spread_or_zero(spread, rows):
     return spread
 
 
-def variance_terms(predictions, spread):
-    """(N, 37, 3): what each of scale^2, floor^2 and shape^2 multiplies in sigma^2."""
+def reach(predictions):
+    """(N, 37): the predicted fraction of voters who reached each output's question, its parent answer's
+    vote fraction (in [0, 1]); 1 for Q1 and Q6, which every voter answers."""
     p = np.clip(predictions, 0.0, 1.0)
-    return np.stack([spread ** 2, np.ones_like(p), p * (1 - p)], axis=-1)
+    return np.where(PARENT >= 0, p[:, np.maximum(PARENT, 0)], 1.0)
+
+
+def variance_terms(predictions, spread):
+    """(N, 37, 4): what each of scale^2, floor^2, size^2 and reach^2 multiplies in sigma^2. The reach term
+    is 0 for Q1 and Q6: their reach is 1 for every galaxy, which the floor already is."""
+    p = np.clip(predictions, 0.0, 1.0)
+    return np.stack([spread ** 2, np.ones_like(p), p ** 2, np.where(PARENT >= 0, reach(p) ** 2, 0.0)], axis=-1)
 
 
 # --- fitting -----------------------------------------------------------------------------------------
@@ -89,16 +112,19 @@ def _negative_log_likelihood(coefficients, design, squared_errors):
     return value, gradient.ravel()
 
 
-def fit_variance(predictions, truth, spread, shape=True):
-    """(37, 3) maximum-likelihood (scale, floor, shape) for Gaussian residuals, each output on its own.
+def fit_variance(predictions, truth, spread, terms=TERMS):
+    """(37, 4) maximum-likelihood (scale, floor, size, reach) for Gaussian residuals, each output on its own.
 
-    A term that is 0 for every galaxy (no spread; shape=False) keeps a coefficient of 0. With only
-    the floor left, floor^2 is exactly the output's mean squared error.
+    A term that is 0 for every galaxy (no spread; reach of Q1 and Q6) or not in terms keeps a
+    coefficient of 0; the floor is always fitted. With only the floor left, floor^2 is exactly the
+    output's mean squared error.
     """
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown terms {sorted(unknown)}; the terms are {', '.join(TERMS)}")
     squared_errors = (predictions - truth) ** 2
     design = variance_terms(predictions, spread)
-    used = design.mean(0) > 0
-    used[:, 2] &= shape
+    used = (design.mean(0) > 0) & np.isin(TERMS, tuple(terms) + ("floor",))
     norm = np.where(used, design.mean(0), 1.0)
     mse = np.maximum(squared_errors.mean(0), MIN_FLOOR ** 2)
     lower = np.zeros_like(norm)
@@ -127,22 +153,27 @@ def coverage_factor(z):
     return float(FACTOR_GRID[best[len(best) // 2]])     # the middle of the best stretch: coverage is a step function
 
 
-def fit_calibration(predictions, truth, spread=None, members=1, tta=False, shape=True, match_coverage=True):
+def fit_calibration(predictions, truth, spread=None, members=1, tta=False, terms=TERMS, match_coverage=True):
     """The calibration (a dict, see the module docstring) fitted on one split, e.g. val.
 
     predictions, truth and spread are (N, 37); spread None means one model without TTA. members and
-    tta record the setting the spread came from. shape=False leaves out the p (1 - p) term. The
-    Gaussian maximum-likelihood fit (fit_variance) says how sigma varies from galaxy to galaxy;
-    match_coverage then widens or narrows each output's sigma by coverage_factor, which is folded
-    into scale, floor and shape and recorded as coverage_factor. With neither spread, shape nor
-    match_coverage, floor is exactly each output's RMSE.
+    tta record the setting the spread came from. terms are those of TERMS to fit (the floor always is;
+    the others left out are 0). The Gaussian maximum-likelihood fit (fit_variance) says how sigma
+    varies from galaxy to galaxy; match_coverage then widens or narrows each output's sigma by
+    coverage_factor, which is folded into the coefficients and recorded as coverage_factor. With
+    only the floor and no match_coverage, floor is exactly each output's RMSE.
+
+    The form was chosen by 5-fold cross-validation within val, by the largest coverage miss over
+    +-1 / +-2 sigma, overall and per question, against p (1 - p), p, reach (1 - reach), p (reach - p),
+    one factor per question and a log-linear sigma; p^2 alone did as well there, but not where errors
+    follow the reach alone (tests/test_calibration.py).
     """
     predictions = as_outputs("predictions", predictions)
     truth = as_outputs("truth", truth, len(predictions))
     spread = spread_or_zero(spread, len(predictions))
     if len(predictions) < 2:
         raise ValueError(f"{len(predictions)} galaxies are too few to fit a calibration; fit it on the val split")
-    params = fit_variance(predictions, truth, spread, shape)
+    params = fit_variance(predictions, truth, spread, terms)
     calibration = {"form": FORM, "max_sigma": MAX_SIGMA, "members": int(members), "tta": bool(tta),
                    "galaxies": len(predictions), "columns": list(LABEL_COLUMNS)}
     factor = np.ones(NUM_OUTPUTS)
@@ -164,7 +195,7 @@ def calibrated_sigma(calibration, predictions, spread=None):
     """(N, 37) calibrated standard deviation of each predicted vote fraction, in [MIN_FLOOR, max_sigma]."""
     predictions = as_outputs("predictions", predictions)
     spread = spread_or_zero(spread, len(predictions))
-    squares = np.array([calibration[term] for term in TERMS], np.float64).T ** 2    # (37, 3)
+    squares = np.array([calibration[term] for term in TERMS], np.float64).T ** 2    # (37, 4)
     variance = np.einsum("njk,jk->nj", variance_terms(predictions, spread), squares)
     return np.clip(np.sqrt(variance), MIN_FLOOR, calibration.get("max_sigma", MAX_SIGMA))
 
@@ -187,6 +218,8 @@ def from_dict(data, source="the calibration"):
     """A calibration checked for what calibrated_sigma needs; ValueError saying what is wrong."""
     if not isinstance(data, dict):
         raise ValueError(f"{source} is not a JSON object")
+    if data.get("form") != FORM:
+        raise ValueError(f"{source} holds an older form of sigma than this version fits")
     missing = [key for key in TERMS + ("columns", "members", "tta") if key not in data]
     if missing:
         raise ValueError(f"{source} lacks {', '.join(missing)}")

@@ -226,35 +226,48 @@ def crop_galaxy(source, cfg):
     """(RGB crop of image_size x image_size, box) for one image; box is in the image's full-size pixels.
 
     source is a path, a file object or the bytes of a JPEG (any image Pillow opens works: grayscale,
-    RGBA, 16-bit and float ones are converted by to_rgb, EXIF-rotated ones turned upright first).
+    RGBA, 16-bit and float ones are converted by to_rgb, EXIF-rotated ones turned upright first), or
+    an image already decoded (a PIL image, e.g. galaxy/fits.fits_image's), cropped as it stands.
     Raises BadImage with a short reason for an empty, unreadable, truncated, too small or too large image.
     """
-    data = _read_source(source)
-    if not data:
-        raise BadImage("empty file")
-    image = _open(data)
-    orientation = _orientation(image)
-    width, height = image.size[::-1] if orientation in (5, 6, 7, 8) else image.size   # as it will stand upright
+    if isinstance(source, Image.Image):
+        decoded = to_rgb(source)
+        width, height = decoded.size
+
+        def decode(reduction):
+            return decoded
+    else:
+        data = _read_source(source)
+        if not data:
+            raise BadImage("empty file")
+        header = _open(data)
+        orientation = _orientation(header)
+        width, height = header.size[::-1] if orientation in (5, 6, 7, 8) else header.size   # as it will stand upright
+
+        unused = [header]   # the first decode takes the image whose header was read, a second opens it again
+
+        def decode(reduction):
+            return _decode(unused.pop() if unused else _open(data), reduction, orientation)
     if min(width, height) < cfg.image_size:
         raise BadImage(f"image too small: {width}x{height} < image_size {cfg.image_size}")
 
     if width == height == cfg.image_size:
         # already the network's input, e.g. one of preprocess.py's PNGs: cropping it again would zoom in
         box = (0, 0, width, height)
-        image = _decode(image, 1, orientation)
+        image = decode(1)
     elif cfg.crop == "center":
         box = center_box(width, height, cfg)
-        image = _decode(image, _reduction_for(box[2] - box[0], cfg.image_size), orientation)
+        image = decode(_reduction_for(box[2] - box[0], cfg.image_size))
     else:
         # one decode at half size serves both the ROI search and, for most galaxies, the crop
-        image = _decode(image, 2 if min(width, height) >= 4 * ROI_WORK_SIDE else 1, orientation)
+        image = decode(2 if min(width, height) >= 4 * ROI_WORK_SIDE else 1)
         gray = image.convert("L").reduce(max(1, min(image.size) // ROI_WORK_SIDE))
         scale = width / gray.width
         left, top, right, bottom = roi_box(np.asarray(gray), cfg, scale)
         box = _square_box((left + right) / 2 * scale, (top + bottom) / 2 * scale,
                           (right - left) * scale, width, height)
         if width / image.width > _reduction_for(box[2] - box[0], cfg.image_size):
-            image = _decode(_open(data), _reduction_for(box[2] - box[0], cfg.image_size), orientation)   # small galaxy
+            image = decode(_reduction_for(box[2] - box[0], cfg.image_size))   # small galaxy: a finer decode
     scale_x, scale_y = width / image.width, height / image.height
     scaled_box = (box[0] / scale_x, box[1] / scale_y, box[2] / scale_x, box[3] / scale_y)
     size = (cfg.image_size, cfg.image_size)

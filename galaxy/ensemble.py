@@ -22,7 +22,7 @@ from galaxy import kaggle_raw
 from galaxy.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint, unfinished_run
 from galaxy.crop import CROP_KEYS, BadImage, crop_galaxy, crop_settings_mismatch
 from galaxy.files import file_text, signals_held, write_failure
-from galaxy.fits import fits_png, is_fits
+from galaxy.fits import crop_planes, is_fits, read_bands
 from galaxy.inference import batch_tensor, inference_batch, predict_views
 from galaxy.numerics import choose_numerics
 from galaxy.pool import run_pool, unexpected_error, worker_job
@@ -215,13 +215,14 @@ def load_crops(task):
                 if where.get("raw"):
                     data = kaggle_raw.read_raw(job["raw_dir"], where["raw"])
                 elif "fits" in where:   # a catalog's three band files, or its empty file name
-                    data = fits_png(read_fits(where["fits"]))
+                    data = read_bands(read_fits(where["fits"]))
                 elif where.get("file"):
                     data = read_regular_file(where["file"])
-                    data = fits_png(data) if is_fits(where["file"]) else data   # its RGB as PNG bytes
+                    data = read_bands(data) if is_fits(where["file"]) else data   # its bands, stretched by crop_planes
                 else:
                     return name, None, "no image: neither a PNG made with these crop settings nor a raw image"
-            crops.append(np.asarray(crop_galaxy(data, group["cfg"])[0], np.uint8))
+            crop = crop_planes if isinstance(data, np.ndarray) else crop_galaxy   # FITS bands, or an image's bytes
+            crops.append(np.asarray(crop(data, group["cfg"])[0], np.uint8))
     except BadImage as err:
         return name, None, str(err)
     except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, DataError) as err:   # corrupt, truncated

@@ -11,8 +11,9 @@ x * f(I) / I; a pixel whose brightest colour exceeds 1 is divided by it (the col
 clipped to white). Band i is red, r green, g blue, as SDSS does. rgb_to_bands inverts this exactly
 up to the 8-bit rounding.
 
-crop_galaxy takes an image's bytes: fits_png gives an uncompressed PNG of the RGB image, which it
-decodes as any other image, so a FITS file goes through the same crop as a JPEG.
+crop_galaxy takes an image's bytes or a decoded PIL image: fits_image gives the RGB image, which it
+crops as any other, so a FITS file goes through the same crop as a JPEG. crop_planes gives the same
+crop, stretching only the pixels a center crop reads.
 """
 from dataclasses import dataclass
 import gzip
@@ -24,7 +25,7 @@ import warnings
 from PIL import Image
 import numpy as np
 
-from galaxy.crop import BadImage
+from galaxy.crop import BadImage, center_box, crop_galaxy
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -218,12 +219,24 @@ def fits_image(sources, stretch=None):
     return Image.fromarray(bands_to_rgb(read_bands(sources, stretch), stretch), "RGB")
 
 
-def fits_png(sources, stretch=None):
-    """fits_image as PNG bytes for crop_galaxy, stored without compression: encoding and decoding it
-    cost a copy, where zlib would cost more than the stretch."""
-    out = io.BytesIO()
-    fits_image(sources, stretch).save(out, format="PNG", compress_level=0)
-    return out.getvalue()
+def crop_planes(planes, cfg, stretch=None):
+    """crop_galaxy's (crop, box) of the RGB image of planes (read_bands' output), for cfg's crop.
+
+    The stretch is per pixel, so a center crop stretches only the pixels its resize reads (the box and
+    one pixel around it: a quarter of the image at the default center_crop_size) and gives the crop
+    that stretching the whole image would. An ROI crop needs the whole image to find the galaxy.
+    """
+    height, width = planes.shape[1:]
+    if cfg.crop != "center" or min(width, height) < cfg.image_size or width == height == cfg.image_size:
+        return crop_galaxy(Image.fromarray(bands_to_rgb(planes, stretch), "RGB"), cfg)
+    left, top, right, bottom = center_box(width, height, cfg)
+    x0, x1 = max(math.floor(left) - 1, 0), min(math.ceil(right) + 1, width)
+    y0, y1 = max(math.floor(top) - 1, 0), min(math.ceil(bottom) + 1, height)
+    # bands_to_rgb turns the rows over (FITS counts them from the bottom): image rows y0..y1 are planes' H-y1..H-y0
+    region = Image.fromarray(bands_to_rgb(planes[:, height - y1:height - y0, x0:x1], stretch), "RGB")
+    crop = region.resize((cfg.image_size, cfg.image_size), Image.Resampling.BOX,
+                         box=(left - x0, top - y0, right - x0, bottom - y0))
+    return crop, (left, top, right, bottom)
 
 
 def write_fits(path, planes, compress=None):
@@ -256,10 +269,10 @@ def check_agreement(jpegs, out_dir, checkpoint=None, formats=(".fits", ".fits.gz
     FITS format and for "png", the JPEG's own pixels as a PNG: crop_galaxy decodes a JPEG at a reduced
     scale (draft) but any other image at full size, so crops of a decoded image differ from the JPEG's
     own by that much whatever the FITS step does; "_vs_png" measures the FITS step alone. "seconds" is
-    the mean time of fits_png; with a checkpoint, "spread" is the RMS of the JPEG votes about their mean."""
+    the mean time of reading and cropping the file (read_bands, crop_planes); with a checkpoint, "spread" is the RMS of the JPEG votes about their mean."""
     import time
     from config import build_config
-    from galaxy.crop import crop_galaxy, read_image
+    from galaxy.crop import read_image
     model, cfg = None, build_config({})
     if checkpoint:
         import torch
@@ -281,10 +294,10 @@ def check_agreement(jpegs, out_dir, checkpoint=None, formats=(".fits", ".fits.gz
             name = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ext)
             write_fits(name, cube)
             started = time.perf_counter()
-            png = fits_png(name)
+            crop = crop_planes(read_bands(name), cfg)[0]   # as predict.py's workers read and crop it
             squares[ext]["seconds"].append(time.perf_counter() - started)
-            squares[ext]["pixels"].append(_rms(Image.open(io.BytesIO(png)), rgb) ** 2)
-            crops[ext].append(np.asarray(crop_galaxy(png, cfg)[0]))
+            squares[ext]["pixels"].append(_rms(fits_image(name), rgb) ** 2)
+            crops[ext].append(np.asarray(crop))
     result = {}
     for source in sources[1:]:
         result[source] = {"pixels": float(np.sqrt(np.mean(squares[source]["pixels"]))),

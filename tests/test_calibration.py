@@ -1,14 +1,15 @@
 """The calibrated sigma: fitting on data with known noise recovers it, coverage on fresh draws,
-the single-model case, the JSON file, the coverage table and curve, the plot, the clip and bad input."""
+the single-model case, errors that grow with the vote fraction and with the question's reach, the
+JSON file (an older form refused), the coverage table and curve, the plot, the clip and bad input."""
 import json
 
 import numpy as np
 import pytest
 
 from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS
-from galaxy.calibration import (MAX_SIGMA, MIN_FLOOR, calibrated_sigma, calibration_curve, calibration_mismatch,
-                                coverage_table, fit_calibration, from_json, load_calibration, plot_calibration,
-                                save_calibration, to_json)
+from galaxy.calibration import (FORM, MAX_SIGMA, MIN_FLOOR, PARENT, calibrated_sigma, calibration_curve,
+                                calibration_mismatch, coverage_table, fit_calibration, from_json, load_calibration,
+                                plot_calibration, reach, save_calibration, to_json)
 from galaxy.files import DataError
 
 NOISE = np.linspace(0.02, 0.2, NUM_OUTPUTS)   # each output's own typical error
@@ -35,7 +36,7 @@ def test_fit_recovers_the_spread_scale(fitted):
     scale = np.array(fitted["scale"])
     np.testing.assert_allclose(np.median(scale), 1 / SPREAD_FRACTION, rtol=0.05)
     assert (np.abs(scale - 1 / SPREAD_FRACTION) < 0.2 / SPREAD_FRACTION).all()   # each output, not just overall
-    # the spread explains the noise, so the floor and the p(1-p) term stay small beside it
+    # the spread explains the noise, so the floor stays small beside it
     assert np.median(fitted["floor"]) < 0.3 * np.median(NOISE)
 
 
@@ -54,30 +55,69 @@ def test_coverage_on_fresh_draws(fitted):
 def test_zero_spread_is_the_per_output_rmse():
     predictions, truth, _, _ = draw(500, seed=2, spread=False)
     rmse = np.sqrt(((predictions - truth) ** 2).mean(0))
-    calibration = fit_calibration(predictions, truth, spread=None, shape=False, match_coverage=False)
+    calibration = fit_calibration(predictions, truth, spread=None, terms=("floor",), match_coverage=False)
     np.testing.assert_allclose(calibration["floor"], rmse, rtol=1e-3)
     assert calibration["coverage_factor"] == [1.0] * NUM_OUTPUTS
-    assert calibration["scale"] == [0.0] * NUM_OUTPUTS and calibration["shape"] == [0.0] * NUM_OUTPUTS
+    assert all(calibration[term] == [0.0] * NUM_OUTPUTS for term in ("scale", "size", "reach"))
     sigma = calibrated_sigma(calibration, predictions, np.zeros_like(predictions))
     np.testing.assert_allclose(sigma, np.broadcast_to(rmse, sigma.shape), rtol=1e-3)
     # matching the coverage leaves Gaussian errors' sigma about where it was
-    matched = fit_calibration(predictions, truth, spread=None, shape=False)
+    matched = fit_calibration(predictions, truth, spread=None, terms=("floor",))
     np.testing.assert_allclose(np.median(matched["floor"] / rmse), 1, atol=0.05)
-    # with the p(1-p) term too it stays calibrated on average
+    # with the p and reach terms too it stays calibrated on average
     fresh, fresh_truth, _, _ = draw(3000, seed=3, spread=False)
     with_shape = fit_calibration(predictions, truth)
     table = coverage_table(fresh, calibrated_sigma(with_shape, fresh), fresh_truth).set_index("question")
     assert abs(table.loc["all", "observed_1sigma"] - 68.3) < 2 and abs(table.loc["all", "observed_2sigma"] - 95.4) < 2
 
 
-def test_shape_term_follows_errors_that_shrink_near_0_and_1():
+def test_size_term_follows_errors_that_grow_with_the_fraction():
     rng = np.random.default_rng(4)
     predictions = rng.uniform(0, 1, (2000, NUM_OUTPUTS))   # a model's outputs lie in [0, 1]
-    truth = predictions + rng.normal(size=predictions.shape) * 0.3 * np.sqrt(predictions * (1 - predictions))
-    calibration = fit_calibration(predictions, truth)
-    assert np.median(calibration["shape"]) > 0.2 and np.median(calibration["floor"]) < 0.05
+    truth = predictions + rng.normal(size=predictions.shape) * 0.2 * predictions
+    calibration = fit_calibration(predictions, truth, terms=("floor", "size"))
+    assert np.median(calibration["size"]) > 0.15 and np.median(calibration["floor"]) < 0.02
     sigma = calibrated_sigma(calibration, np.full((2, NUM_OUTPUTS), 0.02) + [[0], [0.48]])
     assert (sigma[0] < 0.5 * sigma[1]).all()
+
+
+def test_reach_is_the_parent_answers_fraction():
+    predictions = np.random.default_rng(12).uniform(0, 1, (4, NUM_OUTPUTS))
+    r = reach(predictions)
+    for q in QUESTIONS:
+        for column in q.columns:
+            want = predictions[:, LABEL_COLUMNS.index(q.parent)] if q.parent else np.ones(4)
+            np.testing.assert_array_equal(r[:, LABEL_COLUMNS.index(column)], want)
+    assert (reach(np.full((1, NUM_OUTPUTS), 1.5)) == 1).all()   # clipped to a fraction
+
+
+def reached(galaxies, seed):
+    """Deeper answers whose errors grow with the reach of their question: most galaxies barely reach
+    it (the predicted parent fraction is drawn near 0) and are off by ~0.01, the few that do by ~0.2;
+    Q1 and Q6, answered by every voter, are off by 0.08. The answer's own fraction says nothing."""
+    rng = np.random.default_rng(seed)
+    predictions = rng.beta(0.4, 1.2, (galaxies, NUM_OUTPUTS))
+    sigma = np.where(PARENT >= 0, 0.005 + 0.25 * reach(predictions), 0.08)
+    return predictions, predictions + rng.normal(size=predictions.shape) * sigma
+
+
+def test_reach_term_covers_heavy_tails_per_question():
+    """Mixed over galaxies, such errors are heavy-tailed: one width per output (floor and size alone)
+    misses 68% or 95% by more than 5 points on every deeper question; with the reach term each
+    question's +-1 and +-2 sigma are within 2 points, on fresh draws."""
+    predictions, truth = reached(3000, seed=10)
+    fresh, fresh_truth = reached(3000, seed=11)
+    misses = {}
+    for terms in (("floor", "size"), ("floor", "size", "reach")):
+        calibration = fit_calibration(predictions, truth, terms=terms)
+        table = coverage_table(fresh, calibrated_sigma(calibration, fresh), fresh_truth).set_index("question")
+        misses[terms[-1]] = np.maximum(abs(table["observed_1sigma"] - 68.27), abs(table["observed_2sigma"] - 95.45))
+    deeper = [f"Q{q.number}" for q in QUESTIONS if q.parent]
+    assert (misses["size"][deeper] > 5).all()
+    assert (misses["reach"] < 2).all()
+    calibration = fit_calibration(predictions, truth)
+    assert np.array(calibration["reach"])[PARENT < 0].tolist() == [0.0] * int((PARENT < 0).sum())
+    assert np.median(np.array(calibration["reach"])[PARENT >= 0]) > 0.15
 
 
 def test_heavy_tailed_errors_get_both_levels_close():
@@ -91,7 +131,7 @@ def test_heavy_tailed_errors_get_both_levels_close():
     fresh, fresh_truth = heavy(3000, seed=9)
     misses = []
     for match in (False, True):
-        calibration = fit_calibration(predictions, truth, shape=False, match_coverage=match)
+        calibration = fit_calibration(predictions, truth, terms=("floor",), match_coverage=match)
         row = coverage_table(fresh, calibrated_sigma(calibration, fresh), fresh_truth).iloc[0]
         misses.append(max(abs(row["observed_1sigma"] - 68.27), abs(row["observed_2sigma"] - 95.45)))
     assert misses[0] > 10 and misses[1] < 5
@@ -112,11 +152,30 @@ def test_bad_calibration_files_say_which_and_what_to_do(fitted, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "short.json").write_text(to_json({**fitted, "scale": fitted["scale"][:5]}))
     (tmp_path / "negative.json").write_text(to_json({**fitted, "floor": [-1.0] * NUM_OUTPUTS}))
-    (tmp_path / "words.json").write_text(to_json({**fitted, "shape": ["wide"] * NUM_OUTPUTS}))
+    (tmp_path / "words.json").write_text(to_json({**fitted, "reach": ["wide"] * NUM_OUTPUTS}))
     (tmp_path / "members.json").write_text(to_json({**fitted, "members": "two"}))
     for name in ("broken.json", "short.json", "negative.json", "words.json", "members.json", "missing.json"):
         with pytest.raises(DataError, match=f"{name}.*fit it again"):
             load_calibration(tmp_path / name)
+
+
+def test_a_file_of_the_older_form_is_refused_to_be_fitted_again(fitted, tmp_path):
+    assert fitted["form"] == FORM
+    older = {key: value for key, value in fitted.items() if key not in ("size", "reach")}
+    older.update(form="sigma^2 = scale^2 * spread^2 + floor^2 + shape^2 * p(1-p), sigma <= max_sigma",
+                 shape=[0.1] * NUM_OUTPUTS)
+    (tmp_path / "older.json").write_text(to_json(older))
+    (tmp_path / "unnamed.json").write_text(to_json({key: value for key, value in fitted.items() if key != "form"}))
+    for name in ("older.json", "unnamed.json"):
+        with pytest.raises(DataError, match=f"{name}.*older form of sigma.*fit it again") as err:
+            load_calibration(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+def test_unknown_terms_are_refused():
+    predictions, truth, _, _ = draw(50, seed=13, spread=False)
+    with pytest.raises(ValueError, match="unknown terms.*shape"):
+        fit_calibration(predictions, truth, terms=("floor", "shape"))
 
 
 def test_mismatch_names_the_setting(fitted):
@@ -125,7 +184,8 @@ def test_mismatch_names_the_setting(fitted):
 
 
 def test_sigma_is_clipped_at_half():
-    calibration = {"scale": [100.0] * NUM_OUTPUTS, "floor": [0.0] * NUM_OUTPUTS, "shape": [10.0] * NUM_OUTPUTS}
+    calibration = {"scale": [100.0] * NUM_OUTPUTS, "floor": [0.0] * NUM_OUTPUTS, "size": [10.0] * NUM_OUTPUTS,
+                   "reach": [10.0] * NUM_OUTPUTS}
     predictions = np.full((3, NUM_OUTPUTS), 0.5)
     sigma = calibrated_sigma(calibration, predictions, np.full_like(predictions, 0.1))
     assert (sigma == MAX_SIGMA).all()

@@ -134,3 +134,18 @@ def test_roi_boxes_on_the_real_sample():
         bright_offsets.append(max(abs(y - 32), abs(x - 32)))
     assert np.median(offsets) <= 8 and np.mean(np.array(offsets) <= 15) >= 0.8
     assert np.mean(np.array(bright_offsets) <= 8) >= 0.9
+
+
+@pytest.mark.parametrize("crop_kind", ["center", "roi"])
+def test_a_decoded_image_is_cropped_as_its_lossless_file(crop_kind):
+    # FITS images reach crop_galaxy decoded (a PIL image): the crop must be the one its PNG would give
+    rgb = np.repeat(sky_with_galaxies()[:, :, None], 3, axis=2).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    cfg = build_config({"crop": crop_kind, "image_size": 32})
+    from_image, box = crop.crop_galaxy(Image.fromarray(rgb), cfg)
+    from_png, png_box = crop.crop_galaxy(png.getvalue(), cfg)
+    assert box == png_box
+    np.testing.assert_array_equal(np.asarray(from_image), np.asarray(from_png))
+    with pytest.raises(crop.BadImage, match="image too small"):
+        crop.crop_galaxy(Image.fromarray(rgb[:20, :20]), cfg)

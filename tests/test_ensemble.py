@@ -105,7 +105,7 @@ def test_mixed_crop_ensemble_is_the_mean_of_its_members_alone(ensemble, tmp_path
     for k, path in enumerate(ensemble["paths"]):
         run_main(monkeypatch, capsys, f"--checkpoint={path}", f"--out_dir={tmp_path / str(k)}", *data)
         alone.append(pd.read_csv(tmp_path / str(k) / "submission.csv"))
-        # one member without TTA has no spread; its calibrated sigma is the floor and p(1-p) terms alone
+        # one member without TTA has no spread; its calibrated sigma has no spread term
         sigma = pd.read_csv(tmp_path / str(k) / "submission_std.csv")[LABEL_COLUMNS].to_numpy()
         expected = calibrated_sigma(load_calibration(path.parent), alone[k][LABEL_COLUMNS].to_numpy())
         np.testing.assert_allclose(sigma, expected, atol=1e-5)

@@ -214,10 +214,10 @@ def test_too_many_pixels_is_refused_from_the_header(tmp_path, monkeypatch):
 
 # --- into crop_galaxy -------------------------------------------------------------------------------
 
-def test_fits_png_goes_through_crop_galaxy(tmp_path):
+def test_fits_image_goes_through_crop_galaxy(tmp_path):
     gf.write_fits(tmp_path / "cube.fits", galaxy_cube())
-    data = gf.fits_png(str(tmp_path / "cube.fits"))
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    data = gf.fits_image(str(tmp_path / "cube.fits"))
+    assert data.mode == "RGB" and data.size == (SIDE, SIDE)
     cfg = build_config({"crop": "roi", "image_size": 32, "roi_min_size": 8})
     crop, box = crop_galaxy(data, cfg)
     expected, expected_box = crop_galaxy(_png(gf.bands_to_rgb(galaxy_cube())), cfg)   # a compressed PNG
@@ -241,3 +241,14 @@ def test_check_agreement_finds_the_fits_step_exact(tmp_path):
     for source in (".fits", ".fz"):
         assert result[source]["pixels"] < 0.05 and result[source]["crops_vs_png"] < 0.05
         assert result[source]["crops_vs_jpeg"] == pytest.approx(result["png"]["crops_vs_jpeg"], abs=0.05)
+
+
+@pytest.mark.parametrize("settings", [{}, {"image_size": 32}, {"center_crop_size": 101}, {"crop": "roi", "image_size": 32}])
+def test_crop_planes_gives_the_whole_image_s_crop(settings):
+    # a center crop stretches only its own pixels (and the rows turned over as bands_to_rgb turns them)
+    planes = gf.rgb_to_bands(np.random.default_rng(3).integers(0, 256, (SIDE + 7, SIDE, 3), dtype=np.uint8))
+    cfg = build_config(settings)
+    crop, box = gf.crop_planes(planes, cfg)
+    expected, expected_box = crop_galaxy(Image.fromarray(gf.bands_to_rgb(planes)), cfg)
+    assert box == pytest.approx(expected_box)
+    np.testing.assert_array_equal(np.asarray(crop), np.asarray(expected))

@@ -337,6 +337,10 @@ def test_bad_options_are_one_line_errors(monkeypatch, sky, tmp_path):
                                                  f"--join={tmp_path / 'none*.parquet'}")
     assert "write .csv or .parquet" in main_error(monkeypatch, predict_main, *base,
                                                   f"--output_file={tmp_path}/p.csv.gz")
+    no_catalog = ["predict.py", f"--checkpoint={sky['checkpoint']}", f"--images={tmp_path}", *FAST]
+    assert "--shard acts only with --catalog" in main_error(monkeypatch, predict_main, *no_catalog, "--shard=1/4")
+    assert "--band_columns, --output_file act only with --catalog" in main_error(
+        monkeypatch, predict_main, *no_catalog, "--band_columns=g,r,i", f"--output_file={tmp_path}/p.csv")
 
 
 def test_shard_output_names_and_device(monkeypatch):

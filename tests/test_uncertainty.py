@@ -14,7 +14,7 @@ import torch
 
 from config import Config
 from dataset import LABEL_COLUMNS, QUESTIONS, make_split, read_labels, save_split
-from galaxy.calibration import calibrated_sigma, load_calibration, save_calibration
+from galaxy.calibration import FORM, calibrated_sigma, load_calibration, save_calibration
 from galaxy.ensemble import load_members
 from galaxy.uncertainty import calibration_path, error_bars, fingerprint, saved_calibration
 import helpers
@@ -117,10 +117,10 @@ def test_one_checkpoint_without_tta_gets_a_calibrated_std(demo, ensemble, tmp_pa
     submission = pd.read_csv(out_dir / "submission.csv")
     sigma = pd.read_csv(out_dir / "submission_std.csv")
     assert sigma["GalaxyID"].tolist() == submission["GalaxyID"].tolist()
-    # no spread: sigma is sqrt(floor^2 + shape^2 p(1-p)) of the predicted vote fractions
+    # no spread: sigma is sqrt(floor^2 + size^2 p^2 + reach^2 r^2) of the predicted vote fractions
     np.testing.assert_allclose(sigma[LABEL_COLUMNS], calibrated_sigma(calibration, submission[LABEL_COLUMNS]),
                                atol=1e-5)
-    assert sigma[LABEL_COLUMNS].to_numpy().std(0).max() > 0   # the p(1-p) term: not one number per output
+    assert sigma[LABEL_COLUMNS].to_numpy().std(0).max() > 0   # the p and r terms: not one number per output
 
 
 def test_split_test_writes_the_coverage_files(demo, ensemble, tmp_path, monkeypatch, capsys):
@@ -200,8 +200,8 @@ def test_plot_image_error_bars_are_the_calibrated_sigma(demo, ensemble, tmp_path
     assert saved_calibration(cfg, members).calibration is None
     bars, label = error_bars(cfg, members, mean, std)
     assert label == "spread over members x views" and bars is std and "none yet at" in capsys.readouterr().out
-    calibration = {"members": 2, "tta": True, "columns": LABEL_COLUMNS, "scale": [3.0] * 37, "floor": [0.02] * 37,
-                   "shape": [0.0] * 37, "checkpoints": fingerprint(ensemble)}
+    calibration = {"form": FORM, "members": 2, "tta": True, "columns": LABEL_COLUMNS, "scale": [3.0] * 37,
+                   "floor": [0.02] * 37, "size": [0.0] * 37, "reach": [0.0] * 37, "checkpoints": fingerprint(ensemble)}
     save_calibration(calibration, ensemble[0].parent.parent)
     bars, label = error_bars(cfg, members, mean, std)
     assert label == "calibrated sigma"
