@@ -11,6 +11,7 @@ All are built once per test session. SHARED_SAMPLE is the real 3,000 + 200 image
 the repository (../shared); mark tests that need it with @needs_real_sample.
 """
 from pathlib import Path
+import signal
 import sys
 
 import pytest
@@ -22,6 +23,11 @@ from config import build_config  # noqa: E402
 from galaxy import demo  # noqa: E402
 from galaxy.preprocessing import preprocess  # noqa: E402
 from helpers import SMALL, run_train  # noqa: E402
+
+# A shell starts a background job (`pytest &`, nohup) with SIGINT ignored, and the scripts started by the
+# tests would inherit that: the tests of Ctrl-C need it delivered, as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/galaxy-zoo-sample"
 needs_real_sample = pytest.mark.skipif(
