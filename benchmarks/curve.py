@@ -268,6 +268,13 @@ def score_point(folder, path, data, split, device):
     return scores
 
 
+def training_minutes(folder):
+    """The point's training time, its epochs' seconds in metrics.csv summed: the same whether it ran at
+    once or was resumed (a resumed point's own run may have had one epoch left, or none)."""
+    metrics = folder / "metrics.csv"
+    return pd.read_csv(metrics)["seconds"].sum() / 60 if metrics.is_file() else float("nan")
+
+
 def run_point(point, settings, table, pool, cfg, results):
     """Train one point (resuming a half-done one) and score its best.pt: its row of learning_curve.csv."""
     folder = results / point_name(point)
@@ -278,7 +285,6 @@ def run_point(point, settings, table, pool, cfg, results):
     args = {**settings, "processed_dir": data, "out_dir": folder}
     if (folder / "last.pt").is_file():
         args["resume"] = True
-    started = time.perf_counter()
     code = run_logged("train.py", as_args(args), folder / "train.log")
     if code in (130, 143):   # Ctrl-C or SIGTERM: train.py saved last.pt; the next points must not start
         sys.exit(f"error: train.py was stopped ({folder / 'train.log'}); run the same command again to go on")
@@ -293,7 +299,7 @@ def run_point(point, settings, table, pool, cfg, results):
     return {"point": point_name(point), "curve": point.curve, "n_train": point.n_train,
             "n_from_sample": int((source == "sample").sum()), "n_from_more": int((source == "more").sum()),
             "seed": point.seed, "epochs": last["epoch"], "steps": last["global_step"], **scores,
-            "minutes": round((time.perf_counter() - started) / 60, 1), "date": time.strftime("%Y-%m-%d"),
+            "minutes": round(training_minutes(folder), 1), "date": time.strftime("%Y-%m-%d"),
             "machine": machine_name(device), "torch": torch.__version__, "settings": settings_text(settings)}
 
 
