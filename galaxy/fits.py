@@ -294,9 +294,10 @@ def check_agreement(jpegs, out_dir, checkpoint=None, formats=(".fits", ".fits.gz
             name = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ext)
             write_fits(name, cube)
             started = time.perf_counter()
-            crop = crop_planes(read_bands(name), cfg)[0]   # as predict.py's workers read and crop it
+            planes = read_bands(name)
+            crop = crop_planes(planes, cfg)[0]   # as predict.py's workers read and crop it
             squares[ext]["seconds"].append(time.perf_counter() - started)
-            squares[ext]["pixels"].append(_rms(fits_image(name), rgb) ** 2)
+            squares[ext]["pixels"].append(_rms(bands_to_rgb(planes), rgb) ** 2)
             crops[ext].append(np.asarray(crop))
     result = {}
     for source in sources[1:]:
