@@ -71,7 +71,7 @@ class Config:
     roi_pad: float = key(0.2, "crop=roi: the galaxy's box grows by this fraction of its side", *CROP_READERS)
     roi_min_size: int = key(48, "crop=roi: smallest crop side in raw pixels (a tiny galaxy is not blown up)",
                             *CROP_READERS)
-    center_crop_size: int = key(212, "crop=center: side of the central square in pixels of a 424-px frame (the "
+    center_crop_size: int = key(160, "crop=center: side of the central square in pixels of a 424-px frame (the "
                                 "same fraction of any other)", *CROP_READERS)
     workers: int = key(cpu_count(), "processes for preprocessing, data loading and prediction", PRE, TRAIN, PREDICT,
                        BENCH)
@@ -89,22 +89,22 @@ class Config:
     train_on_val: bool = key(False, "final fit: train on the val galaxies too (no val RMSE; best.pt = last epoch)",
                              TRAIN, BENCH)
     aug_flips: bool = key(True, "the 8 rotations/flips of the square", TRAIN, BENCH)
-    aug_rotate: float = key(0.0, "max extra rotation in degrees (0 = off)", TRAIN, BENCH)
-    aug_shift: float = key(0.0, "max shift as a fraction of the image side (0 = off)", TRAIN, BENCH)
-    aug_zoom: float = key(0.0, "max relative zoom in or out (0 = off)", TRAIN, BENCH)
+    aug_rotate: float = key(180.0, "max extra rotation in degrees (0 = off)", TRAIN, BENCH)
+    aug_shift: float = key(0.03, "max shift as a fraction of the image side (0 = off)", TRAIN, BENCH)
+    aug_zoom: float = key(0.1, "max relative zoom in or out (0 = off)", TRAIN, BENCH)
     aug_brightness: float = key(0.0, "max relative brightness change (0 = off)", TRAIN, BENCH)
 
     # --- model -------------------------------------------------------------
     output: str = key("tree", "tree: vote fractions that obey the decision tree; sigmoid: 37 independent outputs",
                       TRAIN, MODEL, BENCH)
-    dropout: float = key(0.1, "dropout after each hidden linear layer", TRAIN, MODEL, BENCH)
+    dropout: float = key(0.05, "dropout after each hidden linear layer", TRAIN, MODEL, BENCH)
 
     # --- training ----------------------------------------------------------
     device: str = key("auto", "auto (CUDA when present) | cpu | cuda", TRAIN, PREDICT, PLOT, BENCH)
-    epochs: int = key(40, "passes over the training split", TRAIN, BENCH)
+    epochs: int = key(80, "passes over the training split", TRAIN, BENCH)
     batch_size: int = key(64, "images per optimizer step (per process under torchrun); predict.py: per batch",
                           TRAIN, PREDICT, BENCH)
-    lr: float = key(1e-3, "Adam's peak learning rate", TRAIN, BENCH)
+    lr: float = key(5e-4, "Adam's peak learning rate", TRAIN, BENCH)
     weight_decay: float = key(0.0, "Adam's L2 penalty on the weights", TRAIN, BENCH)
     ema: float = key(0.0, "decay per step of a moving average of the weights, which val and best.pt use (0 = off)",
                      TRAIN, BENCH)

@@ -42,7 +42,7 @@ NO_ROTATE_ZOOM_SHIFT = {"aug_rotate": 0.0, "aug_zoom": 0.0, "aug_shift": 0.0}
 ROI_DEFAULTS = {"crop": "roi", "output": "tree", "dropout": 0.1, "epochs": 40, "lr": 1e-3, "batch_size": 64,
                 "schedule": "onecycle", "aug_flips": True, **NO_ROTATE_ZOOM_SHIFT, "seed": 1337, "split_seed": 1337}
 BASELINE_CNN = {**ROI_DEFAULTS, "output": "sigmoid", "dropout": 0.5}   # the original design's settings
-CENTER_DEFAULTS = {**ROI_DEFAULTS, "crop": "center", "center_crop_size": 212}   # config.py's defaults
+CENTER_DEFAULTS = {**ROI_DEFAULTS, "crop": "center", "center_crop_size": 212}   # recipes/flips_40.py
 FP32 = {"amp": "false", "channels_last": "false"}   # what the CPU ran before numerics "auto" picked bf16 there
 TREE_15 = {**BASELINE_CNN, "output": "tree", "epochs": 15}
 AUG_80 = {**CENTER_DEFAULTS, **ROTATE_ZOOM_SHIFT, "epochs": 80}   # the 80-epoch recipe, at 212 px
@@ -94,7 +94,7 @@ ABLATIONS = {
         "tree head, dropout 0.5, center crop 212 px, 15 epochs": {**TREE_15, "crop": "center",
                                                                   "center_crop_size": 212},
         "ROI defaults but center crop 212 px, fp32 NCHW": {**CENTER_DEFAULTS, **FP32},
-        **seeds("center crop 212 px (the defaults)", CENTER_DEFAULTS, 1337, 1, 2, 3, 4),
+        **seeds("center crop 212 px (flips_40)", CENTER_DEFAULTS, 1337, 1, 2, 3, 4),
         **seeds("center crop 160 px", {**CENTER_DEFAULTS, "center_crop_size": 160}, 1337, 1),
         **seeds("center crop 128 px", {**CENTER_DEFAULTS, "center_crop_size": 128}, 1337, 1),
         **seeds("center crop 280 px", {**CENTER_DEFAULTS, "center_crop_size": 280}, 1337),
@@ -133,7 +133,7 @@ RECIPES = available()   # (b): every recipe in recipes/, its row named "recipe <
 
 # (c) Ensembles of (a)'s rows and (b)'s recipes ("recipe <name>": all its members), each member with
 # 8-fold TTA; the compositions were fixed before they were scored (benchmarks/ACCURACY.md).
-CENTER_212, ROI_AUTO = "center crop 212 px (the defaults)", "ROI defaults, numerics auto"
+CENTER_212, ROI_AUTO = "center crop 212 px (flips_40)", "ROI defaults, numerics auto"
 FOUR_CROPS = (CENTER_212, "center crop 160 px", "center crop 128 px", ROI_AUTO)
 FOUR_CROPS_80 = (f"212 px, {RZS}", f"160 px, {RZS}", f"128 px, {RZS}", f"ROI crop, {RZS}")
 GPU_AND_CPU_20 = (["recipe gpu_ensemble"] + members("160 px, rotate/zoom/shift, 120 epochs", 1337)

@@ -1,4 +1,4 @@
-"""python bench.py curve: the learning curve of the default model, test RMSE against the number of
+"""python bench.py curve: the learning curve of the baseline CNN, test RMSE against the number of
 training galaxies, fitted with RMSE(N) = a + b N^-c and extrapolated to Kaggle's 61,578.
 
     python bench.py curve                              # -> runs/curve/learning_curve.csv, fit.json, .png
@@ -13,11 +13,12 @@ a point of N training galaxies trains on the first N of that order (mixed), or o
 2,100 from the first list (sample_only). The table is written from the two lists when it is absent.
 
 Points, in order: the mixed curve (375 ... 5,100 galaxies) and the sample_only curve (375 ... 2,100)
-at seed 1337, then seed 1 for the points of 1,500 or fewer, then best_recipe: recipes/final_fit.py's
-settings without train_on_val, at 750, 3,000 and 5,100 (mixed). Each point trains through train.py
-(log in runs/curve/<point>/train.log; one terminal line as it starts and ends) on a folder of links
-to one preprocessed folder of all 6,000, then its best.pt is scored on val and test, with and without
-8-fold TTA. learning_curve.csv is rewritten as each point ends; a rerun skips the points in it and
+of the 40-epoch flips-only model (recipes/flips_40.py) at seed 1337, then seed 1 for the points of
+1,500 or fewer, then best_recipe: recipes/final_fit.py's settings without train_on_val, at 750, 3,000
+and 5,100 (mixed). Each curve's settings come from those recipes (CURVE_SETTINGS), whatever
+config.py's defaults. Each point trains through train.py (log in runs/curve/<point>/train.log; one
+terminal line as it starts and ends) on a folder of links to one preprocessed folder of all 6,000,
+then its best.pt is scored on val and test, with and without 8-fold TTA. learning_curve.csv is rewritten as each point ends; a rerun skips the points in it and
 resumes a half-trained one from its last.pt. Overrides (--epochs, --lr, ...) apply to every point;
 the split keys and seed are the table's and the points'. --raw_dir holds Kaggle's training files
 (zipped or not), of which only the table's 6,000 are preprocessed; without it the images are links to
@@ -50,7 +51,7 @@ from galaxy.files import DataError, atomic_write
 from galaxy.inference import predict_views, rmse
 from galaxy.numerics import resolve_device
 from galaxy.preprocessing import preprocess
-from galaxy.recipes import as_args, processed_dir_for
+from galaxy.recipes import as_args, member_settings, processed_dir_for
 from galaxy.runs import CHANGEABLE_ON_RESUME
 
 SHARED_MORE = SHARED_SAMPLE.parent / "galaxy-zoo-more"
@@ -62,9 +63,12 @@ SAMPLE_SIZES = (375, 750, 1500, 2100)
 BEST_SIZES = (750, 3000, 5100)
 SEEDS = (1337, 1)
 TWO_SEEDS_UP_TO = 1500   # the small points vary most from seed to seed, and cost least
-# recipes/final_fit.py's settings, trained on the train galaxies alone (val picks best.pt as elsewhere)
-BEST_RECIPE = {"crop": "center", "center_crop_size": 160, "epochs": 80, "aug_rotate": 180.0, "aug_zoom": 0.1,
-               "aug_shift": 0.03, "dropout": 0.05, "lr": 5e-4}
+# What each curve trains, read from recipes/ so that a point means the same whatever config.py's defaults:
+# the 40-epoch flips-only model, and the best member recipe trained on the train galaxies alone (val
+# picks best.pt as elsewhere)
+FLIPS_40 = member_settings("flips_40")
+BEST_RECIPE = member_settings("final_fit", without=("train_on_val",))
+CURVE_SETTINGS = {"mixed": FLIPS_40, "sample_only": FLIPS_40, "best_recipe": BEST_RECIPE}
 # fixed by the table and the points, or bench.py's own: never passed on to train.py
 NOT_PASSED = ("raw_dir", "processed_dir", "out_dir", "recipe", "members", "members_at_once", "resume", "scale",
               "demo", "demo_dir", "demo_train", "demo_test", "ids", "init_from", "seed", "split_seed",
@@ -155,12 +159,15 @@ def plan():
 
 def point_settings(point, passed):
     """The train.py settings of a point: its curve's, then the command line's overrides, then its seed."""
-    return {**(BEST_RECIPE if point.curve == "best_recipe" else {}), **passed, "seed": point.seed}
+    return {**CURVE_SETTINGS[point.curve], **passed, "seed": point.seed}
 
 
-def settings_text(settings):
-    """What a row records of its settings: the keys that change what is trained, sorted."""
-    kept = {k: v for k, v in sorted(settings.items()) if k not in CHANGEABLE_ON_RESUME or k in RECORDED_ANYWAY}
+def settings_text(point, settings):
+    """What a row records of its settings: the keys that change what is trained and differ from its
+    curve's own (CURVE_SETTINGS, implied by the curve's name), sorted."""
+    own = CURVE_SETTINGS[point.curve]
+    kept = {k: v for k, v in sorted(settings.items()) if (k not in CHANGEABLE_ON_RESUME or k in RECORDED_ANYWAY)
+            and (k not in own or own[k] != v)}
     return " ".join(as_args(kept))
 
 
@@ -300,7 +307,8 @@ def run_point(point, settings, table, pool, cfg, results):
             "n_from_sample": int((source == "sample").sum()), "n_from_more": int((source == "more").sum()),
             "seed": point.seed, "epochs": last["epoch"], "steps": last["global_step"], **scores,
             "minutes": round(training_minutes(folder), 1), "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_name(device), "torch": torch.__version__, "settings": settings_text(settings)}
+            "machine": machine_name(device), "torch": torch.__version__,
+            "settings": settings_text(point, settings)}
 
 
 # --- the whole curve ---------------------------------------------------------------------------------
@@ -332,7 +340,8 @@ def run_curve(cfg, overrides, figure=None):
     table = read_table()
     steps = plan()
     settings = {point_name(point): point_settings(point, passed) for point in steps}
-    done = finished_rows(csv_path, {name: settings_text(value) for name, value in settings.items()})
+    done = finished_rows(csv_path, {point_name(point): settings_text(point, settings[point_name(point)])
+                                    for point in steps})
     finished, made, raw_dir, failed = {row["point"] for row in done}, set(), None, 0
     for number, point in enumerate(steps, 1):
         where = f"[{number}/{len(steps)}] {point_name(point)}"

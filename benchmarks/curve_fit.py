@@ -1,6 +1,8 @@
 """bench.py curve's fit and figure: RMSE(N) = a + b N^-c fitted by bounded least squares to the mixed
 curve's test RMSE (8-fold TTA, the mean over seeds at each N), extrapolated to Kaggle's 61,578 training
-galaxies with an interval from a bootstrap over the test galaxies, and learning_curve.png."""
+galaxies with an interval from a bootstrap over the test galaxies, and learning_curve.png. The best
+recipe's few points get a and b of their own under the mixed curve's exponent c (the same scaling with
+data, offset), bootstrapped over the same resamples of the test galaxies."""
 import json
 from pathlib import Path
 import warnings
@@ -21,9 +23,9 @@ KAGGLE_ANCHORS = (
     (0.0774, "3M-parameter CNN, 128x128, public PyTorch reimplementation", "tab:purple", "--"),
     (0.0814, "Kaggle 2nd place, single network", "tab:brown", "-."),
 )
-CURVE_STYLE = {"mixed": ("tab:blue", "o", "mixed: sample + more"),
-               "sample_only": ("tab:orange", "s", "sample only"),
-               "best_recipe": ("tab:green", "D", "best per-member recipe (mixed)")}
+CURVE_STYLE = {"mixed": ("tab:blue", "o", "flips_40 (212 px, flips, 40 epochs): subset + selected galaxies"),
+               "sample_only": ("tab:orange", "s", "flips_40: the subset's galaxies only"),
+               "best_recipe": ("tab:green", "D", "160 px, rotate/zoom/shift, 80 epochs: subset + selected")}
 
 
 def power_law(n, a, b, c):
@@ -69,14 +71,24 @@ def size_means(per_galaxy, sizes):
     return distinct, np.array([rmse[..., sizes == n].mean(-1) for n in distinct]).T
 
 
+def fit_with_exponent(n, y, c):
+    """(a, b) of the least-squares fit of a + b n^-c to the points for a given c: a straight line in n^-c."""
+    x = np.power(np.asarray(n, np.float64), -c)
+    b, a = np.polyfit(x, np.asarray(y, np.float64), 1)
+    return float(a), float(b)
+
+
+def galaxy_resamples(n_galaxies, resamples=RESAMPLES, seed=0):
+    """Index arrays of resamples of the test galaxies with replacement, the same for every curve."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n_galaxies, n_galaxies) for _ in range(resamples)]
+
+
 def bootstrap_fits(per_galaxy, sizes, start, resamples=RESAMPLES, seed=0):
     """(fits (B, 3) of each resample of the test galaxies (the same galaxies for every point), failed count)."""
     per_galaxy, sizes = np.asarray(per_galaxy, np.float64), np.asarray(sizes)
-    rng = np.random.default_rng(seed)
-    n_galaxies = per_galaxy.shape[1]
     fits, failed = [], 0
-    for _ in range(resamples):
-        chosen = rng.integers(0, n_galaxies, n_galaxies)
+    for chosen in galaxy_resamples(per_galaxy.shape[1], resamples, seed):
         distinct, rmse = size_means(per_galaxy[:, chosen], sizes)
         try:
             fits.append(fit_power_law(distinct, rmse, start))
@@ -113,13 +125,39 @@ def fit_curve(rows, results, resamples=RESAMPLES):
            "bootstrap": {"resamples": resamples, "failed": failed, "over": "the test galaxies"},
            "note": "the interval is the test galaxies' sampling error alone: not the seeds' spread, nor whether "
                    "the power law holds beyond the measured sizes"}
+    recipe = rows[rows["curve"] == "best_recipe"]
+    if recipe["n_train"].nunique() >= 2 and not failed:
+        fit["best_recipe"] = fit_recipe(recipe, results, c, fits[:, 2], resamples)
     atomic_write(Path(results) / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=1) + "\n"))
     print(f"fit: RMSE(N) = {a:.4f} + {b:.4g} N^-{c:.3f} over {len(distinct)} sizes ({len(mixed)} points); "
           f"at N = {KAGGLE_N:,}: {fit['rmse_at']:.4f} (68%: {fit['interval_68'][0]:.4f}-{fit['interval_68'][1]:.4f}, "
           f"95%: {fit['interval_95'][0]:.4f}-{fit['interval_95'][1]:.4f}; {resamples} resamples of the "
           f"{per_galaxy.shape[1]} test galaxies{f', {failed} failed' if failed else ''}); saved "
           f"{Path(results) / 'fit.json'}")
+    if "best_recipe" in fit:
+        r = fit["best_recipe"]
+        print(f"best recipe, the same c: RMSE(N) = {r['a']:.4f} + {r['b']:.4g} N^-{c:.3f} over {len(r['sizes'])} "
+              f"sizes; at N = {KAGGLE_N:,}: {r['rmse_at']:.4f} (68%: {r['interval_68'][0]:.4f}-"
+              f"{r['interval_68'][1]:.4f}, 95%: {r['interval_95'][0]:.4f}-{r['interval_95'][1]:.4f})")
     return {**fit, "fits": fits}
+
+
+def fit_recipe(recipe, results, c, resampled_c, resamples):
+    """The best recipe's points fitted with the mixed curve's c, a and b their own; each bootstrap resample
+    (the same galaxies as the mixed curve's resample) fitted with that resample's c."""
+    per_galaxy = np.stack([np.load(Path(results) / point / "test_squared_error.npy").mean(1)
+                           for point in recipe["point"]]).astype(np.float64)
+    sizes = recipe["n_train"].to_numpy()
+    distinct, rmse = size_means(per_galaxy, sizes)
+    a, b = fit_with_exponent(distinct, rmse, c)
+    at_kaggle = []
+    for chosen, c_resampled in zip(galaxy_resamples(per_galaxy.shape[1], resamples), resampled_c):
+        a_r, b_r = fit_with_exponent(*size_means(per_galaxy[:, chosen], sizes), c_resampled)
+        at_kaggle.append(power_law(KAGGLE_N, a_r, b_r, c_resampled))
+    return {"a": a, "b": b, "c": c, "sizes": distinct.tolist(), "rmse": rmse.round(5).tolist(),
+            "points": len(recipe), "rmse_at": power_law(KAGGLE_N, a, b, c),
+            "interval_68": interval(at_kaggle, 0.68), "interval_95": interval(at_kaggle, 0.95),
+            "note": "the mixed curve's exponent c, a and b fitted to these points: the same scaling with data"}
 
 
 def draw_figure(rows, fit, path):
@@ -143,11 +181,22 @@ def draw_figure(rows, fit, path):
             ax.fill_between(grid, *np.percentile(bands, [(1 - level) * 50, 100 - (1 - level) * 50], axis=0),
                             color="tab:blue", alpha=alpha, lw=0, label=f"{level:.0%} bootstrap band")
         ax.plot(grid, power_law(grid, fit["a"], fit["b"], fit["c"]), color="tab:blue", ls=":",
-                label=f"fit to the mixed curve: {fit['a']:.4f} + {fit['b']:.3g} $N^{{-{fit['c']:.2f}}}$")
+                label=f"fit to flips_40, subset + selected: {fit['a']:.4f} + {fit['b']:.3g} $N^{{-{fit['c']:.2f}}}$")
         lo, hi = fit["interval_68"]
         ax.errorbar([KAGGLE_N], [fit["rmse_at"]], yerr=[[fit["rmse_at"] - lo], [hi - fit["rmse_at"]]],
                     color="tab:blue", marker="*", ms=12, capsize=4,
                     label=f"extrapolated to {KAGGLE_N:,}: {fit['rmse_at']:.4f} (68%: {lo:.4f}-{hi:.4f})")
+    if fit is not None and "best_recipe" in fit:
+        recipe, color = fit["best_recipe"], CURVE_STYLE["best_recipe"][0]
+        grid = np.geomspace(min(recipe["sizes"]), KAGGLE_N, 100)
+        ax.plot(grid, power_law(grid, recipe["a"], recipe["b"], recipe["c"]), color=color, ls=":",
+                label=f"fit to 160 px, rzs, 80 epochs, flips_40's exponent: {recipe['a']:.4f} + {recipe['b']:.3g} "
+                      f"$N^{{-{recipe['c']:.2f}}}$")
+        lo, hi = recipe["interval_68"]
+        ax.errorbar([KAGGLE_N * 1.06], [recipe["rmse_at"]],   # beside the mixed curve's star
+                    yerr=[[recipe["rmse_at"] - lo], [hi - recipe["rmse_at"]]], color=color, marker="*", ms=12,
+                    capsize=4,
+                    label=f"extrapolated to {KAGGLE_N:,}: {recipe['rmse_at']:.4f} (68%: {lo:.4f}-{hi:.4f})")
     for value, label, color, style in KAGGLE_ANCHORS:
         ax.axhline(value, color=color, ls=style, lw=1, label=f"{label}, full training set: {value}")
     mean_rmse = rows.loc[rows["n_train"].idxmax(), "mean_rmse"]
@@ -162,7 +211,7 @@ def draw_figure(rows, fit, path):
     ax.set_xlabel("training galaxies N (log scale; 61,578 = Kaggle's whole training set)")
     ax.set_ylabel("test RMSE over the 37 vote fractions (8-fold TTA)")
     n_test = f"{fit['n_test']} " if fit is not None else ""
-    ax.set_title(f"Test RMSE against training galaxies, on the same {n_test}test galaxies of the 3,000-galaxy sample\n"
+    ax.set_title(f"Test RMSE against training galaxies, on the same {n_test}test galaxies of the 3,000-galaxy subset\n"
                  f"(small markers: one seed each; lines join their means)", fontsize=11)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)

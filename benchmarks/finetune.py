@@ -14,7 +14,9 @@ proportion to its size with the point's seed; every point chooses best.pt on the
 balanced accuracy, with cross-entropy weighted by class). Each point is a train.py run of its own
 (out_dir/finetune/<point>/, train.log) on a CSV of its images, its split.csv written beforehand; its
 test scores are train.py's eval_test.csv. Without --init_from, the Galaxy Zoo checkpoint is trained
-first with train.py's defaults on the sample in raw_dir (out_dir/finetune/galaxy_zoo). finetune.csv is
+first with recipes/flips_40.py's settings on the sample in raw_dir (out_dir/finetune/galaxy_zoo).
+Every point trains with that recipe's augmentation, dropout and lr, whatever config.py's defaults, and
+a scratch point cuts its images with the checkpoint's crop keys. finetune.csv is
 rewritten as each point ends, and a rerun skips the points in it (a half-trained one resumes).
 Overrides (--lr, --threads, --max_steps ...) apply to every point; --epochs replaces the plan's.
 """
@@ -32,13 +34,15 @@ from benchmarks.accuracy import run_logged
 from benchmarks.common import REPO, machine_name
 from config import build_config
 from dataset import SPLITS
-from galaxy.checkpoints import CheckpointError, load_model
+from galaxy.checkpoints import CheckpointError, load_model, read_checkpoint
+from galaxy.crop import CROP_KEYS
 from galaxy.files import DataError, atomic_write, csv_writer
 from galaxy.inference import predict
 from galaxy.labelled import (crop_labelled_set, labels_of, make_labelled_split, read_labelled_set,
                              save_labelled_split)
 from galaxy.labelled_scores import ZERO_SHOT_COLUMNS, classification_metrics, zero_shot_classes
 from galaxy.preprocessing import preprocess
+from galaxy.recipes import as_args, member_settings
 
 CLASSES_SAMPLE = REPO.parent / "shared/data/galaxy-classes-sample"
 VAL, TEST = 0.1, 0.2
@@ -49,6 +53,11 @@ SEEDS = (1, 2)
 # (benchmarks/ACCURACY.md); fine-tuning had converged at 6
 EPOCHS = {100: 100, 300: 50, 1000: 30, "all": 20}
 BATCH = 32   # 100 labels give 3 steps an epoch
+# what the table trains, read from recipes/flips_40.py so that it does not move with config.py's defaults:
+# the Galaxy Zoo checkpoint made when no --init_from is given, and every point's augmentation, dropout
+# and lr (a point keeps its own epochs; a scratch point cuts its images as the checkpoint's network did)
+INIT_SETTINGS = member_settings("flips_40")
+POINT_SETTINGS = {key: INIT_SETTINGS[key] for key in ("aug_rotate", "aug_zoom", "aug_shift", "dropout", "lr")}
 # fixed by the benchmark, never passed on to train.py
 NOT_PASSED = ("raw_dir", "processed_dir", "out_dir", "labels", "init_from", "seed", "split_seed", "val_fraction",
               "test_fraction", "train_on_val", "members", "members_at_once", "resume", "recipe", "epochs", "scale",
@@ -70,22 +79,32 @@ def draw_subset(labelled, train_ids, n, seed):
 
 
 def galaxy_zoo_checkpoint(cfg, overrides, results):
-    """--init_from, or train.py's defaults trained on the sample in raw_dir (resumed if half done)."""
+    """--init_from, or recipes/flips_40.py's model trained on the sample in raw_dir (resumed if half done)."""
     if cfg.init_from:
         return Path(cfg.init_from)
     data, run = results / "galaxy_zoo_data", results / "galaxy_zoo"
     if not (data / "labels.csv").is_file():
         print(f"preprocessing {cfg.raw_dir} into {data} for the Galaxy Zoo checkpoint ...", flush=True)
-        preprocess(build_config({"raw_dir": cfg.raw_dir, "processed_dir": str(data)}), progress=False)
+        preprocess(build_config({**INIT_SETTINGS, "raw_dir": cfg.raw_dir, "processed_dir": str(data)}),
+                   progress=False)
     args = [f"--processed_dir={data}", f"--out_dir={run}", *(["--resume"] if (run / "last.pt").is_file() else [])]
-    args += [f"--{key}={overrides[key]}" for key in ("threads", "max_steps", "epochs") if key in overrides]
-    print(f"training the Galaxy Zoo checkpoint (train.py's defaults) -> {run} (log: {run}/train.log) ...", flush=True)
+    args += as_args({**INIT_SETTINGS, **{key: overrides[key] for key in ("threads", "max_steps", "epochs")
+                                         if key in overrides}})
+    print(f"training the Galaxy Zoo checkpoint (recipes/flips_40.py) -> {run} (log: {run}/train.log) ...",
+          flush=True)
     if run_logged("train.py", args, run / "train.log"):
         raise DataError(f"the Galaxy Zoo run in {run} failed; see {run}/train.log")
     return run / "best.pt"
 
 
-def run_point(name, n, seed, init, labelled, split, cfg, passed, results):
+def init_crop(init):
+    """The crop keys of the checkpoint the fine-tuned points start from: scratch points cut their images
+    the same way, so that both starts see the same pixels."""
+    saved = read_checkpoint(str(init)).get("config") or {}
+    return {key: saved[key] for key in CROP_KEYS if key in saved}
+
+
+def run_point(name, n, seed, init, labelled, split, cfg, passed, results, crop):
     """One train.py run: the point's CSV and split.csv, then train.py; its row of finetune.csv."""
     folder = results / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +120,8 @@ def run_point(name, n, seed, init, labelled, split, cfg, passed, results):
     epochs = cfg.epochs if "epochs" in passed else EPOCHS[n]
     args = [f"--labels={folder / 'labels.csv'}", f"--out_dir={folder}", f"--seed={seed}", f"--epochs={epochs}",
             f"--batch_size={BATCH}", f"--val_fraction={VAL}", f"--test_fraction={TEST}",
-            *[f"--{key}={value}" for key, value in passed.items() if key != "epochs"]]
+            *as_args({**POINT_SETTINGS, **({} if init else crop),
+                      **{key: value for key, value in passed.items() if key != "epochs"}})]
     if (folder / "last.pt").is_file():
         args.append("--resume")
     elif init:
@@ -188,6 +208,7 @@ def run_finetune(cfg, overrides):
     counts = {name: len(split[name]) for name in SPLITS}
     print(f"{labelled.source}: {labelled.summary()}; split_seed {cfg.split_seed}: {counts}", flush=True)
     init = galaxy_zoo_checkpoint(cfg, overrides, results)
+    crop = init_crop(init)
     done = pd.read_csv(csv_path, keep_default_na=False).to_dict("records") if csv_path.is_file() else []
     finished = {row["point"] for row in done}
     stamp = {"date": date.today().isoformat(), "machine": machine_name(torch.device("cpu")),
@@ -201,7 +222,7 @@ def run_finetune(cfg, overrides):
             continue
         print(f"{where}: training ...", flush=True)
         try:
-            row = run_point(name, n, seed, start, labelled, split, cfg, passed, results)
+            row = run_point(name, n, seed, start, labelled, split, cfg, passed, results, crop)
         except (DataError, CheckpointError, ValueError, OSError) as err:
             print(f"{where}: failed: {err}", flush=True)
             continue

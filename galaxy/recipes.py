@@ -108,6 +108,15 @@ def load_recipe(spec):
     return Recipe(path.stem, path, (namespace.get("__doc__") or "").strip(), common, groups)
 
 
+def member_settings(spec, without=()):
+    """The train.py settings of a recipe's first group: its common overrides and the group's own (its
+    crop), without GROUP_KEYS or the keys in without. What a benchmark trains when its numbers must not
+    move with config.py's defaults, so a recipe must name every key it depends on."""
+    recipe = load_recipe(spec)
+    settings = {**recipe.common, **recipe.groups[0]}
+    return {key: value for key, value in settings.items() if key not in GROUP_KEYS and key not in without}
+
+
 def _check_keys(path, where, overrides, reserved):
     keys = {f.name for f in fields(Config)}
     for key in overrides:

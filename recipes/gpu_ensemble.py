@@ -1,5 +1,5 @@
-"""17 members of 160 epochs, for a GPU: rotate ±180° / zoom ±10 % / shift ±3 % with the default
-dropout 0.1 and peak lr 1e-3, trained on the train galaxies only (not final fits), at four crops:
+"""17 members of 160 epochs, for a GPU: rotate ±180° / zoom ±10 % / shift ±3 % with dropout 0.1 and
+peak lr 1e-3, trained on the train galaxies only (not final fits), at four crops:
 the central 160 px x 6 seeds, 212 px x 5, 128 px x 5 and the ROI crop x 1, seeds from 101.
 
 Measured on the 3,000-galaxy subset (subsets/galaxy_zoo_3000.csv, split_seed 1337), each member
@@ -12,6 +12,8 @@ side took about 4 minutes. On a 2-core CPU it takes a day or more.
 common = {
     "epochs": 160,
     "aug_rotate": 180.0, "aug_zoom": 0.1, "aug_shift": 0.03,
+    "dropout": 0.1,
+    "lr": 1e-3,
     "members_at_once": 6,
 }
 groups = [

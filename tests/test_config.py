@@ -153,7 +153,7 @@ def test_help_text_shows_usage_docstring_type_default_and_meaning():
     lines = text.splitlines()
     assert lines[0].startswith("usage: python ") and lines[0].endswith(" <galaxy_id> [--key=value ...]")
     assert "Do one thing." in lines and "    python x.py --epochs=3" in lines
-    assert any(line.split() == ["--epochs=<int>", "40", "passes", "over", "the", "training", "split"] for line in lines)
+    assert any(line.split() == ["--epochs=<int>", "80", "passes", "over", "the", "training", "split"] for line in lines)
     assert any(line.split()[:4] == ["--tta", "|", "--tta=false", "false"] for line in lines)
     assert any(line.split()[:2] == ["--amp=auto|true|false", "auto"] for line in lines)
     assert any(line.split()[:2] == ["--checkpoint=<str>", '""'] for line in lines)

@@ -70,7 +70,7 @@ def test_crop_galaxy_roi_and_center():
     pixels = np.asarray(cropped.convert("L"), dtype=float)
     peak = np.unravel_index(np.argmax(ndimage.uniform_filter(pixels, 5)), pixels.shape)
     assert abs(peak[0] - 32) <= 3 and abs(peak[1] - 32) <= 3
-    cropped, box = crop.crop_galaxy(io.BytesIO(data), build_config({"crop": "center"}))
+    cropped, box = crop.crop_galaxy(io.BytesIO(data), build_config({"crop": "center", "center_crop_size": 212}))
     assert box == (106, 106, 318, 318) and cropped.size == (64, 64)
 
 

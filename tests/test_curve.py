@@ -142,7 +142,10 @@ def test_tiny_curve_trains_scores_and_skips_what_is_done(tiny_curve, capsys):
     assert set(split.loc[split["split"] == "train", "GalaxyID"]) == set(first_32)
     assert len(list((point / "data" / "train").glob("*.png"))) == 32 + 8 + 8
     assert np.load(point / "test_squared_error.npy").shape == (8, 37)
-    assert "center_crop_size=160" in rows["settings"].iloc[-1]   # the best recipe's crop
+    # a row records the command line's keys and the seed; its curve's own settings reach train.py
+    assert rows["settings"].tolist() == ["--batch_size=16 --epochs=2 --max_steps=2 --seed=1337"] * 3
+    assert "--center_crop_size=160" in (point / "train.log").read_text()
+    assert "--center_crop_size=212" in (results / "mixed_16_seed1337" / "train.log").read_text()
 
     logs = {path: path.read_text() for path in results.glob("*/train.log")}
     run_curve(cfg, overrides)   # everything is done: nothing trains again
@@ -209,3 +212,30 @@ def test_fit_curve_reads_the_points_writes_fit_json_and_needs_three_sizes(tmp_pa
     assert "at N = 61,578" in capsys.readouterr().out
     assert fit_curve(rows[rows["n_train"] <= 750], tmp_path) is None
     assert "needs 3 or more" in capsys.readouterr().out
+
+
+def test_the_best_recipe_is_extrapolated_with_the_mixed_curves_exponent(tmp_path, capsys):
+    """Recipe points on a law of the same c, offset (a 0.01 lower, b 0.8 times): fit_curve recovers
+    its a and b, and the interval from the shared resamples holds its true value at 61,578."""
+    sizes, per_galaxy = synthetic_errors(galaxies=200)
+    recipe_law = (TRUE[0] - 0.01, 0.8 * TRUE[1], TRUE[2])
+    recipe_sizes = np.array([750, 3000, 5100])
+    rng = np.random.default_rng(1)
+    recipe_errors = (power_law(recipe_sizes, *recipe_law)[:, None] ** 2
+                     * per_galaxy[-1] / power_law(SIZES[-1], *TRUE) ** 2 * rng.gamma(50.0, 1 / 50, (3, 200)))
+    rows = []
+    for name, points_sizes, errors in (("mixed", sizes, per_galaxy), ("best_recipe", recipe_sizes, recipe_errors)):
+        for i, (n, point_errors) in enumerate(zip(points_sizes, errors)):
+            point = f"{name}_{n}_{i}"
+            (tmp_path / point).mkdir()
+            np.save(tmp_path / point / "test_squared_error.npy",
+                    np.repeat(point_errors[:, None], 37, 1).astype(np.float32))
+            rows.append({"point": point, "curve": name, "n_train": n})
+    fit = fit_curve(pd.DataFrame(rows), tmp_path, resamples=200)
+    recipe = json.loads((tmp_path / "fit.json").read_text())["best_recipe"]
+    assert recipe["c"] == fit["c"] and recipe["sizes"] == [750, 3000, 5100]
+    assert recipe["a"] == pytest.approx(recipe_law[0], abs=0.01)
+    low, high = recipe["interval_95"]
+    assert low < power_law(KAGGLE_N, *recipe_law) < high
+    assert recipe["rmse_at"] < fit["rmse_at"]
+    assert "best recipe, the same c" in capsys.readouterr().out

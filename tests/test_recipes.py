@@ -27,6 +27,20 @@ def test_every_recipe_loads_describes_itself_and_scores_the_same_test_galaxies()
             assert cfg.split_seed == 1337 and cfg.val_fraction == 0.1 and cfg.test_fraction == 0.1, name
 
 
+def test_every_recipe_but_the_defaults_names_the_keys_its_numbers_rest_on():
+    """Its numbers must not move when config.py's defaults do: every member names its crop, epochs,
+    augmentation, dropout and lr. member_settings reads the first member's."""
+    rests_on = {"crop", "epochs", "aug_rotate", "aug_zoom", "aug_shift", "dropout", "lr"}
+    for name in set(recipes.available()) - {"defaults"}:
+        for _, _, _, settings in member_plan(load_recipe(name), {}):
+            assert rests_on <= set(settings), (name, rests_on - set(settings))
+            assert settings["crop"] == "roi" or "center_crop_size" in settings, name
+    assert recipes.member_settings("flips_40") == {
+        "epochs": 40, "aug_rotate": 0.0, "aug_zoom": 0.0, "aug_shift": 0.0, "dropout": 0.1, "lr": 1e-3,
+        "crop": "center", "center_crop_size": 212}
+    assert "train_on_val" not in recipes.member_settings("final_fit", without=("train_on_val",))
+
+
 def test_four_crops_is_the_measured_ensemble():
     recipe = load_recipe("four_crops")
     assert recipe.common == {"train_on_val": True, "epochs": 80, "aug_rotate": 180.0, "aug_zoom": 0.1,
@@ -44,9 +58,9 @@ def test_four_crops_is_the_measured_ensemble():
 
 
 def test_each_crop_gets_a_folder_of_its_own():
-    assert crop_slug(build_config({})) == "c212"
+    assert crop_slug(build_config({})) == "c160"
     assert crop_slug(build_config({"crop": "roi", "image_size": 96})) == "roi_s96"
-    assert processed_dir_for("data/processed/", build_config({"center_crop_size": 160})) == "data/processed_c160"
+    assert processed_dir_for("data/processed/", build_config({"center_crop_size": 212})) == "data/processed_c212"
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -74,7 +74,7 @@ def test_resumed_schedule_continues_exactly_and_replans_over_new_epochs(schedule
 
 
 def test_extending_a_run_replans_the_schedule_and_refuses_fewer_epochs(data_args, tmp_path):
-    run_train(*data_args, "--epochs=1", f"--out_dir={tmp_path}")
+    run_train(*data_args, "--epochs=1", "--lr=1e-3", f"--out_dir={tmp_path}")
     # the schedule is re-planned over the new total (the old one would end at epoch 1's last step),
     # and --lr changes the peak of the re-planned one-cycle schedule as well as the recorded config
     run_train(f"--out_dir={tmp_path}", "--resume", "--epochs=2", "--lr=1e-2")
