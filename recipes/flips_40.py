@@ -1,5 +1,5 @@
 """The quick model: one member at the central 212 px, flips only, 40 epochs, dropout 0.1, one-cycle
-peak lr 1e-3. Half the time of the defaults and about 0.005 worse; the model of the learning curve
+peak lr 1e-3. Half the time of the defaults and 0.002-0.005 worse; the model of the learning curve
 (python bench.py curve).
 
 Measured on the 3,000-galaxy subset (subsets/galaxy_zoo_3000.csv, split_seed 1337: 2,400 train,
