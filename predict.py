@@ -318,8 +318,9 @@ def main():
     try:
         unread = [] if cfg.catalog else catalog_keys_unread(cfg)
         if unread:
-            raise DataError(f"{', '.join(unread)} {'acts' if len(unread) == 1 else 'act'} only with --catalog: add "
-                            f"--catalog=<a CSV or parquet table of ids and images>, or leave {'it' if len(unread) == 1 else 'them'} out")
+            one = len(unread) == 1
+            raise DataError(f"{', '.join(unread)} {'acts' if one else 'act'} only with --catalog: add --catalog=<a "
+                            f"CSV or parquet table of ids and images>, or leave {'it' if one else 'them'} out")
         if cfg.join:   # the --catalog shard outputs as one table: no checkpoint needed
             return join_outputs(cfg, written)
         writable_folder(cfg.out_dir, "out_dir")   # before the work, not after it

@@ -18,8 +18,9 @@ of the 40-epoch flips-only model (recipes/flips_40.py) at seed 1337, then seed 1
 and 5,100 (mixed). Each curve's settings come from those recipes (CURVE_SETTINGS), whatever
 config.py's defaults. Each point trains through train.py (log in runs/curve/<point>/train.log; one
 terminal line as it starts and ends) on a folder of links to one preprocessed folder of all 6,000,
-then its best.pt is scored on val and test, with and without 8-fold TTA. learning_curve.csv is rewritten as each point ends; a rerun skips the points in it and
-resumes a half-trained one from its last.pt. Overrides (--epochs, --lr, ...) apply to every point;
+then its best.pt is scored on val and test, with and without 8-fold TTA. learning_curve.csv is
+rewritten as each point ends; a rerun skips the points in it and resumes a half-trained one from its
+last.pt. Overrides (--epochs, --lr, ...) apply to every point;
 the split keys and seed are the table's and the points'. --raw_dir holds Kaggle's training files
 (zipped or not), of which only the table's 6,000 are preprocessed; without it the images are links to
 ../shared/data/galaxy-zoo-sample and galaxy-zoo-more, made in runs/curve/raw.

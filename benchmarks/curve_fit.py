@@ -84,11 +84,12 @@ def galaxy_resamples(n_galaxies, resamples=RESAMPLES, seed=0):
     return [rng.integers(0, n_galaxies, n_galaxies) for _ in range(resamples)]
 
 
-def bootstrap_fits(per_galaxy, sizes, start, resamples=RESAMPLES, seed=0):
-    """(fits (B, 3) of each resample of the test galaxies (the same galaxies for every point), failed count)."""
+def bootstrap_fits(per_galaxy, sizes, start, resamples=RESAMPLES, seed=0, draws=None):
+    """(fits (B, 3) of each resample of the test galaxies (the same galaxies for every point), failed count).
+    draws: the resamples' index arrays, when another fit must use the same ones."""
     per_galaxy, sizes = np.asarray(per_galaxy, np.float64), np.asarray(sizes)
     fits, failed = [], 0
-    for chosen in galaxy_resamples(per_galaxy.shape[1], resamples, seed):
+    for chosen in draws if draws is not None else galaxy_resamples(per_galaxy.shape[1], resamples, seed):
         distinct, rmse = size_means(per_galaxy[:, chosen], sizes)
         try:
             fits.append(fit_power_law(distinct, rmse, start))
@@ -102,6 +103,12 @@ def interval(values, level):
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
 
+def curve_errors(points, results):
+    """(points, test galaxies): each point's per-galaxy mean squared error over the 37 outputs."""
+    return np.stack([np.load(Path(results) / point / "test_squared_error.npy").mean(1)
+                     for point in points]).astype(np.float64)
+
+
 def fit_curve(rows, results, resamples=RESAMPLES):
     """Fit the mixed curve's points in rows (learning_curve.csv's table) and bootstrap its extrapolation;
     print the result and write results/fit.json. None, with a message, below 3 distinct sizes."""
@@ -110,12 +117,12 @@ def fit_curve(rows, results, resamples=RESAMPLES):
         print(f"fit skipped: the mixed curve has points at {mixed['n_train'].nunique()} sizes; fitting a + b N^-c "
               f"needs 3 or more")
         return None
-    per_galaxy = np.stack([np.load(Path(results) / point / "test_squared_error.npy").mean(1)
-                           for point in mixed["point"]])
+    per_galaxy = curve_errors(mixed["point"], results)
     sizes = mixed["n_train"].to_numpy()
     distinct, rmse = size_means(per_galaxy, sizes)
     a, b, c = fit_power_law(distinct, rmse)
-    fits, failed = bootstrap_fits(per_galaxy, sizes, (a, b, c), resamples)
+    draws = galaxy_resamples(per_galaxy.shape[1], resamples)   # shared with the best recipe's fit
+    fits, failed = bootstrap_fits(per_galaxy, sizes, (a, b, c), draws=draws)
     at_kaggle = power_law(KAGGLE_N, *fits.T)
     fit = {"formula": "RMSE(N) = a + b * N**(-c)", "curve": "mixed", "metric": "test RMSE with 8-fold TTA, "
            "the mean over seeds at each N", "a": a, "b": b, "c": c, "sizes": distinct.tolist(),
@@ -127,7 +134,8 @@ def fit_curve(rows, results, resamples=RESAMPLES):
                    "the power law holds beyond the measured sizes"}
     recipe = rows[rows["curve"] == "best_recipe"]
     if recipe["n_train"].nunique() >= 2 and not failed:
-        fit["best_recipe"] = fit_recipe(recipe, results, c, fits[:, 2], resamples)
+        fit["best_recipe"] = fit_recipe(curve_errors(recipe["point"], results), recipe["n_train"].to_numpy(),
+                                        c, fits[:, 2], draws)
     atomic_write(Path(results) / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=1) + "\n"))
     print(f"fit: RMSE(N) = {a:.4f} + {b:.4g} N^-{c:.3f} over {len(distinct)} sizes ({len(mixed)} points); "
           f"at N = {KAGGLE_N:,}: {fit['rmse_at']:.4f} (68%: {fit['interval_68'][0]:.4f}-{fit['interval_68'][1]:.4f}, "
@@ -142,20 +150,17 @@ def fit_curve(rows, results, resamples=RESAMPLES):
     return {**fit, "fits": fits}
 
 
-def fit_recipe(recipe, results, c, resampled_c, resamples):
-    """The best recipe's points fitted with the mixed curve's c, a and b their own; each bootstrap resample
-    (the same galaxies as the mixed curve's resample) fitted with that resample's c."""
-    per_galaxy = np.stack([np.load(Path(results) / point / "test_squared_error.npy").mean(1)
-                           for point in recipe["point"]]).astype(np.float64)
-    sizes = recipe["n_train"].to_numpy()
+def fit_recipe(per_galaxy, sizes, c, resampled_c, draws):
+    """The best recipe's points (per_galaxy errors at sizes) fitted with the mixed curve's c, a and b their
+    own; each bootstrap resample (draws, the mixed curve's) fitted with that resample's c."""
     distinct, rmse = size_means(per_galaxy, sizes)
     a, b = fit_with_exponent(distinct, rmse, c)
     at_kaggle = []
-    for chosen, c_resampled in zip(galaxy_resamples(per_galaxy.shape[1], resamples), resampled_c):
+    for chosen, c_resampled in zip(draws, resampled_c):
         a_r, b_r = fit_with_exponent(*size_means(per_galaxy[:, chosen], sizes), c_resampled)
         at_kaggle.append(power_law(KAGGLE_N, a_r, b_r, c_resampled))
     return {"a": a, "b": b, "c": c, "sizes": distinct.tolist(), "rmse": rmse.round(5).tolist(),
-            "points": len(recipe), "rmse_at": power_law(KAGGLE_N, a, b, c),
+            "points": len(sizes), "rmse_at": power_law(KAGGLE_N, a, b, c),
             "interval_68": interval(at_kaggle, 0.68), "interval_95": interval(at_kaggle, 0.95),
             "note": "the mixed curve's exponent c, a and b fitted to these points: the same scaling with data"}
 

@@ -223,8 +223,8 @@ def crop_planes(planes, cfg, stretch=None):
     """crop_galaxy's (crop, box) of the RGB image of planes (read_bands' output), for cfg's crop.
 
     The stretch is per pixel, so a center crop stretches only the pixels its resize reads (the box and
-    one pixel around it: a quarter of the image at the default center_crop_size) and gives the crop
-    that stretching the whole image would. An ROI crop needs the whole image to find the galaxy.
+    one pixel around it: a seventh of the image at the default center_crop_size of 160 px) and gives
+    the crop that stretching the whole image would. An ROI crop needs the whole image to find the galaxy.
     """
     height, width = planes.shape[1:]
     if cfg.crop != "center" or min(width, height) < cfg.image_size or width == height == cfg.image_size:
@@ -269,7 +269,8 @@ def check_agreement(jpegs, out_dir, checkpoint=None, formats=(".fits", ".fits.gz
     FITS format and for "png", the JPEG's own pixels as a PNG: crop_galaxy decodes a JPEG at a reduced
     scale (draft) but any other image at full size, so crops of a decoded image differ from the JPEG's
     own by that much whatever the FITS step does; "_vs_png" measures the FITS step alone. "seconds" is
-    the mean time of reading and cropping the file (read_bands, crop_planes); with a checkpoint, "spread" is the RMS of the JPEG votes about their mean."""
+    the mean time of reading and cropping the file (read_bands, crop_planes); with a checkpoint, "spread"
+    is the RMS of the JPEG votes about their mean."""
     import time
     from config import build_config
     from galaxy.crop import read_image
