@@ -25,8 +25,10 @@ in the member_* folder of an ensemble, or in out_dir for a list (--calibration=P
 when it is missing or stale (other weights, members or --tta) the val split is predicted first
 and it is fitted and saved (galaxy/uncertainty.py). Without a val split (--train_on_val: pass
 --calibration=<a sibling run's calibration.json>), labels or images for it, the raw spread goes
-to *_spread.csv instead, with one line saying why. --split=test also writes calibration_test.csv
-and .png: the coverage of +-1 and +-2 sigma, overall and per question.
+to *_spread.csv instead, with one line saying why. calibration.json also holds interval_68 and
+interval_95, per-question multiples of sigma whose prediction +- multiple * sigma holds 68% and
+95% of the val errors. --split=test also writes calibration_test.csv and .png: the coverage of +-1
+and +-2 sigma and of those intervals, overall and per question.
 
 Each member sees the crop it was trained on: from processed_dir's PNGs when preprocess.py made
 them with its settings, else cropped from the raw JPEGs (zip or folder) in raw_dir. Unreadable

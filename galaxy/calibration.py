@@ -25,6 +25,15 @@ at both +-1 and +-2 sigma; one width for small and large deep answers alike cove
 refused, and predict.py fits it again. A single model without TTA has a spread of 0 and a sigma
 of sqrt(floor^2 + size^2 p^2 + reach^2 r^2).
 
+Intervals beside sigma: heavy tails that the p and r terms do not absorb (Q7-Q9's) still leave
++-1 sigma too wide and +-2 sigma too narrow for those questions. So the calibration also holds, per
+output, interval_68 and interval_95: the multiples of sigma that make prediction +- interval_68 * sigma
+hold 68.3% of the val errors (the level of +-1 sigma for a Gaussian) and prediction +- interval_95 *
+sigma 95.4% (that of +-2 sigma). Each is the quantile of |error| / sigma pooled over the outputs of one
+question (one question's 450 x its outputs errors give a steadier quantile than one output's 450); for
+Gaussian errors they are about 1 and 2. Chosen by 5-fold cross-validation within the val split against
+one factor for all outputs and one per output (docs/usage.md has the figures).
+
 The fitted model is a small JSON-able dict (to_json / from_json, save / load as calibration.json)
 that records its form and the setting its spread came from (members, TTA): the scale of a spread
 over 16 views does not apply to a spread over 2. Also here: coverage of +-1 and +-2 sigma, overall
@@ -48,12 +57,15 @@ from galaxy.files import DataError, atomic_write
 CALIBRATION_FILE = "calibration.json"
 # the form: a calibration.json of another form (an older version's) is refused by from_dict, so fitted again
 FORM = ("sigma^2 = scale^2 * spread^2 + floor^2 + size^2 * p^2 + reach^2 * r^2, r = p of the parent answer, "
-        "sigma <= max_sigma")
+        "sigma <= max_sigma; intervals: prediction +- interval_68 (interval_95) * sigma")
 MIN_FLOOR = 1e-3    # a sigma of 0 would make any nonzero error infinitely unlikely
 MAX_SIGMA = 0.5     # the largest standard deviation a number in [0, 1] can have
 TERMS = ("scale", "floor", "size", "reach")
 # each output's parent column (the answer that leads to its question), -1 for Q1 and Q6's outputs
 PARENT = np.array([LABEL_COLUMNS.index(q.parent) if q.parent else -1 for q in QUESTIONS for _ in q.columns])
+# each interval and its coverage: that of +-1 and +-2 sigma for Gaussian errors
+INTERVALS = {"interval_68": 100 * erf(1 / math.sqrt(2)), "interval_95": 100 * erf(2 / math.sqrt(2))}
+QUESTION_COLUMNS = [[LABEL_COLUMNS.index(c) for c in q.columns] for q in QUESTIONS]
 FACTOR_GRID = np.exp(np.linspace(np.log(0.25), np.log(4), 801))   # coverage_factor's candidates, 0.35% apart
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -153,6 +165,25 @@ def coverage_factor(z):
     return float(FACTOR_GRID[best[len(best) // 2]])     # the middle of the best stretch: coverage is a step function
 
 
+def interval_factors(z):
+    """{interval name: (37,) multiples of sigma}: for each question, the quantile of z = |error| / sigma
+    over its outputs' galaxies at the interval's coverage (the next value up, so it holds at least that
+    share of the errors it was fitted on)."""
+    factors = {}
+    for name, level in INTERVALS.items():
+        factor = np.ones(NUM_OUTPUTS)
+        for columns in QUESTION_COLUMNS:
+            factor[columns] = np.quantile(z[:, columns], level / 100, method="higher")
+        factors[name] = factor
+    return factors
+
+
+def interval_halfwidth(calibration, sigma, name):
+    """(N, 37) half-width of each vote fraction's interval name ("interval_68" or "interval_95"): the
+    prediction +- this holds that interval's share of the errors (INTERVALS)."""
+    return np.asarray(calibration[name], np.float64) * sigma
+
+
 def fit_calibration(predictions, truth, spread=None, members=1, tta=False, terms=TERMS, match_coverage=True):
     """The calibration (a dict, see the module docstring) fitted on one split, e.g. val.
 
@@ -162,6 +193,9 @@ def fit_calibration(predictions, truth, spread=None, members=1, tta=False, terms
     varies from galaxy to galaxy; match_coverage then widens or narrows each output's sigma by
     coverage_factor, which is folded into the coefficients and recorded as coverage_factor. With
     only the floor and no match_coverage, floor is exactly each output's RMSE.
+
+    Beside the coefficients it holds interval_factors' interval_68 and interval_95 (the module
+    docstring says why), fitted on the final sigma.
 
     The form was chosen by 5-fold cross-validation within val, by the largest coverage miss over
     +-1 / +-2 sigma, overall and per question, against p (1 - p), p, reach (1 - reach), p (reach - p),
@@ -186,8 +220,13 @@ def fit_calibration(predictions, truth, spread=None, members=1, tta=False, terms
     calibration.update({term: [round(float(v), 6) for v in params[:, k]] for k, term in enumerate(TERMS)})
     calibration["coverage_factor"] = [round(float(v), 4) for v in factor]
     sigma = calibrated_sigma(calibration, predictions, spread)
+    errors = np.abs(predictions - truth)
+    for name, factor in interval_factors(errors / sigma).items():
+        calibration[name] = [round(float(v), 4) for v in factor]
     calibration["fit_coverage"] = {f"{k}sigma": round(float(within(predictions, sigma, truth, k).mean() * 100), 2)
                                    for k in (1, 2)}
+    calibration["fit_coverage"].update({name: round(float((errors <= interval_halfwidth(calibration, sigma, name))
+                                                          .mean() * 100), 2) for name in INTERVALS})
     return calibration
 
 
@@ -232,6 +271,12 @@ def from_dict(data, source="the calibration"):
             values = np.array([np.nan])
         if values.shape != (NUM_OUTPUTS,) or not np.isfinite(values).all() or (values < 0).any():
             raise ValueError(f"{source}: {term} must be {NUM_OUTPUTS} finite numbers >= 0")
+    for name in INTERVALS:
+        values = data.get(name)
+        values = np.asarray(values, np.float64) if isinstance(values, list) and all(
+            isinstance(v, (int, float)) for v in values) else np.array([np.nan])
+        if values.shape != (NUM_OUTPUTS,) or not np.isfinite(values).all() or (values <= 0).any():
+            raise ValueError(f"{source}: {name} must be {NUM_OUTPUTS} finite numbers > 0")
     if type(data["members"]) is not int or data["members"] < 1 or type(data["tta"]) is not bool:
         raise ValueError(f"{source}: members must be a whole number >= 1 and tta true or false")
     return data
@@ -284,12 +329,16 @@ def checked(predictions, sigma, truth):
     return predictions, as_outputs("sigma", sigma, len(predictions)), as_outputs("truth", truth, len(predictions))
 
 
-def coverage_table(predictions, sigma, truth):
+def coverage_table(predictions, sigma, truth, calibration=None):
     """Percent of vote fractions within +-1 and +-2 sigma, over all 37 outputs and per question, as a
     DataFrame: rows "all", "Q1" ... "Q11"; columns question, text, nominal_1sigma, observed_1sigma,
-    nominal_2sigma, observed_2sigma."""
+    nominal_2sigma, observed_2sigma, and with a calibration observed_interval_68 and observed_interval_95,
+    the percent within its intervals (their nominal coverage is that of +-1 and +-2 sigma)."""
     predictions, sigma, truth = checked(predictions, sigma, truth)
     inside = {k: within(predictions, sigma, truth, k) for k in (1, 2)}
+    if calibration is not None:
+        errors = np.abs(predictions - truth)
+        inside.update({name: errors <= interval_halfwidth(calibration, sigma, name) for name in INTERVALS})
     parts = [("all", "all 37 outputs", list(range(NUM_OUTPUTS)))]
     parts += [(f"Q{q.number}", q.text, [LABEL_COLUMNS.index(c) for c in q.columns]) for q in QUESTIONS]
     rows = []
@@ -298,6 +347,8 @@ def coverage_table(predictions, sigma, truth):
         for k in (1, 2):
             row[f"nominal_{k}sigma"] = round(float(nominal_coverage(k)), 1)
             row[f"observed_{k}sigma"] = float(inside[k][:, columns].mean() * 100) if len(predictions) else math.nan
+        for name in INTERVALS if calibration is not None else ():
+            row[f"observed_{name}"] = float(inside[name][:, columns].mean() * 100) if len(predictions) else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -312,14 +363,17 @@ def calibration_curve(predictions, sigma, truth, z=None):
     return pd.DataFrame({"z": z, "nominal": nominal_coverage(z), "observed": observed})
 
 
-def plot_calibration(curves, path, title="Calibration of the predicted sigma"):
-    """Nominal against observed coverage with the y = x line, one line per {label: calibration_curve}, as
-    the PNG path (written as it is: the caller picks a temporary name when it must be atomic)."""
+def plot_calibration(curves, path, title="Calibration of the predicted sigma", intervals=None):
+    """Nominal against observed coverage with the y = x line, one line per {label: calibration_curve}, and
+    a star per {label: (nominal, observed)} of intervals, as the PNG path (written as it is: the caller
+    picks a temporary name when it must be atomic)."""
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.subplots()
     ax.plot([0, 100], [0, 100], color="gray", ls="--", label="y = x (calibrated)")
     for label, curve in curves.items():
         ax.plot(curve["nominal"], curve["observed"], "o-", ms=3, label=label)
+    for label, (nominal, observed) in (intervals or {}).items():
+        ax.plot([nominal], [observed], "*", ms=11, label=label)
     for k in (1, 2):
         ax.axvline(nominal_coverage(k), color="lightgray", lw=0.8)
         ax.text(nominal_coverage(k), 2, f"±{k}σ ", fontsize=8, color="gray", ha="right")

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from dataset import LABEL_COLUMNS, QUESTIONS, DataError, read_labels, read_split
-from galaxy.calibration import calibrated_sigma, calibration_curve, coverage_table, plot_calibration, views_text
+from galaxy.calibration import (INTERVALS, calibrated_sigma, calibration_curve, coverage_table, plot_calibration,
+                                views_text)
 from galaxy.ensemble import (crop_sources, galaxy_error, galaxy_spread, galaxy_tasks, plot_spread, predict_ensemble,
                              save_embeddings, spread_calibration)
 from galaxy.files import csv_writer, file_text, write_file_set
@@ -116,11 +117,12 @@ def report_spread(split, std, predictions, targets, views):
 
 def coverage_report(split, calibration, predictions, std, views, targets):
     """How much of the errors the calibrated sigma covers (and the raw spread, with one): printed, and
-    returned as the writers of calibration_<split>.csv (coverage_table, with the raw spread's coverage in
-    spread_1sigma and spread_2sigma, empty without a spread) and calibration_<split>.png (the curves)."""
+    returned as the writers of calibration_<split>.csv (coverage_table with the calibration's intervals, and
+    the raw spread's coverage in spread_1sigma and spread_2sigma, empty without a spread) and
+    calibration_<split>.png (the curves, the intervals as stars)."""
     spread = std if views > 1 else None
     sigma = calibrated_sigma(calibration, predictions, spread)
-    table = coverage_table(predictions, sigma, targets)
+    table = coverage_table(predictions, sigma, targets, calibration)
     curves = {"calibrated sigma": calibration_curve(predictions, sigma, targets)}
     raw = ""
     if spread is not None:
@@ -137,10 +139,18 @@ def coverage_report(split, calibration, predictions, std, views, targets):
     print(f"calibrated sigma on the {split} split ({fitted}): {overall['observed_1sigma']:.1f}% of the vote "
           f"fractions within +-1 sigma (nominal {overall['nominal_1sigma']:.1f}%), {overall['observed_2sigma']:.1f}% "
           f"within +-2 sigma ({overall['nominal_2sigma']:.1f}%){raw}")
+    per_question = {name: table.iloc[1:][f"observed_{name}"] for name in INTERVALS}
+    print(f"intervals on the {split} split: {overall['observed_interval_68']:.1f}% within the 68% intervals "
+          f"(questions {per_question['interval_68'].min():.1f}-{per_question['interval_68'].max():.1f}%), "
+          f"{overall['observed_interval_95']:.1f}% within the 95% intervals "
+          f"({per_question['interval_95'].min():.1f}-{per_question['interval_95'].max():.1f}%)")
+    intervals = {f"{name[-2:]}% intervals (± {name} σ)": (level, overall[f"observed_{name}"])
+                 for name, level in INTERVALS.items()}
     title = (f"{split} split: {len(targets)} galaxies, {views_text(calibration['members'], calibration['tta'])}\n"
-             f"±1σ holds {overall['observed_1sigma']:.1f}%, ±2σ {overall['observed_2sigma']:.1f}% of the vote fractions")
+             f"±1σ holds {overall['observed_1sigma']:.1f}%, ±2σ {overall['observed_2sigma']:.1f}%, the 68% and 95% "
+             f"intervals {overall['observed_interval_68']:.1f}% and {overall['observed_interval_95']:.1f}%")
     return {f"calibration_{split}.csv": csv_writer(table, float_format="%.2f"),
-            f"calibration_{split}.png": lambda path: plot_calibration(curves, path, title)}
+            f"calibration_{split}.png": lambda path: plot_calibration(curves, path, title, intervals)}
 
 
 def split_targets(cfg, split_name, members):

@@ -1,6 +1,7 @@
 """The calibrated sigma: fitting on data with known noise recovers it, coverage on fresh draws,
 the single-model case, errors that grow with the vote fraction and with the question's reach, the
-JSON file (an older form refused), the coverage table and curve, the plot, the clip and bad input."""
+intervals that hold their share where one sigma cannot, the JSON file (an older form refused), the
+coverage table and curve, the plot, the clip and bad input."""
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from dataset import LABEL_COLUMNS, NUM_OUTPUTS, QUESTIONS
 from galaxy.calibration import (FORM, MAX_SIGMA, MIN_FLOOR, PARENT, calibrated_sigma, calibration_curve,
                                 calibration_mismatch, coverage_table, fit_calibration, from_json, load_calibration,
-                                plot_calibration, reach, save_calibration, to_json)
+                                interval_halfwidth, plot_calibration, reach, save_calibration, to_json)
 from galaxy.files import DataError
 
 NOISE = np.linspace(0.02, 0.2, NUM_OUTPUTS)   # each output's own typical error
@@ -137,6 +138,35 @@ def test_heavy_tailed_errors_get_both_levels_close():
     assert misses[0] > 10 and misses[1] < 5
 
 
+def test_intervals_hold_their_share_where_one_sigma_cannot():
+    """Laplace errors on Q7's outputs (beyond what the p and r terms absorb), Gaussian on the others: +-1
+    and +-2 sigma cannot both be right for Q7, but its 68% and 95% intervals hold their share of fresh
+    errors, and for the Gaussian questions the interval factors stay near 1 and 2."""
+    q7 = [LABEL_COLUMNS.index(c) for c in QUESTIONS[6].columns]
+
+    def tails(galaxies, seed):
+        rng = np.random.default_rng(seed)
+        predictions = rng.uniform(0.2, 0.8, (galaxies, NUM_OUTPUTS))
+        noise = rng.normal(size=predictions.shape)
+        noise[:, q7] = rng.laplace(size=(galaxies, len(q7))) / np.sqrt(2)    # unit variance, heavy tails
+        return predictions, predictions + noise * NOISE
+    calibration = fit_calibration(*tails(4000, seed=10))
+    fresh, fresh_truth = tails(4000, seed=11)
+    table = coverage_table(fresh, calibrated_sigma(calibration, fresh), fresh_truth, calibration).set_index("question")
+    q7_sigma = max(abs(table.loc["Q7", "observed_1sigma"] - 68.27), abs(table.loc["Q7", "observed_2sigma"] - 95.45))
+    assert q7_sigma > 2
+    assert table.loc["Q7", "observed_interval_68"] == pytest.approx(68.27, abs=1.5)
+    assert table.loc["Q7", "observed_interval_95"] == pytest.approx(95.45, abs=1)
+    assert abs(table["observed_interval_68"] - 68.27).max() < 2.5 and abs(table["observed_interval_95"] - 95.45).max() < 1.5
+    q1 = [LABEL_COLUMNS.index(c) for c in QUESTIONS[0].columns]
+    assert np.allclose(np.array(calibration["interval_68"])[q1], 1, atol=0.1)
+    assert np.allclose(np.array(calibration["interval_95"])[q1], 2, atol=0.15)
+    assert np.ptp(np.array(calibration["interval_95"])[q7]) == 0    # one factor per question
+    assert calibration["fit_coverage"]["interval_68"] >= 68.27 and calibration["fit_coverage"]["interval_95"] >= 95.45
+    np.testing.assert_allclose(interval_halfwidth(calibration, np.full((2, NUM_OUTPUTS), 0.1), "interval_95"),
+                               0.1 * np.array([calibration["interval_95"]] * 2))
+
+
 def test_json_round_trip(fitted, tmp_path):
     assert from_json(to_json(fitted)) == fitted
     path = save_calibration(fitted, tmp_path)
@@ -154,7 +184,10 @@ def test_bad_calibration_files_say_which_and_what_to_do(fitted, tmp_path):
     (tmp_path / "negative.json").write_text(to_json({**fitted, "floor": [-1.0] * NUM_OUTPUTS}))
     (tmp_path / "words.json").write_text(to_json({**fitted, "reach": ["wide"] * NUM_OUTPUTS}))
     (tmp_path / "members.json").write_text(to_json({**fitted, "members": "two"}))
-    for name in ("broken.json", "short.json", "negative.json", "words.json", "members.json", "missing.json"):
+    (tmp_path / "interval.json").write_text(to_json({**fitted, "interval_95": [0.0] * NUM_OUTPUTS}))
+    (tmp_path / "no_interval.json").write_text(to_json({k: v for k, v in fitted.items() if k != "interval_68"}))
+    for name in ("broken.json", "short.json", "negative.json", "words.json", "members.json", "interval.json",
+                 "no_interval.json", "missing.json"):
         with pytest.raises(DataError, match=f"{name}.*fit it again"):
             load_calibration(tmp_path / name)
 
@@ -219,5 +252,6 @@ def test_calibration_curve_and_plot(fitted, tmp_path):
     exact = calibration_curve(predictions, sigma, truth, z=[1, 2])
     np.testing.assert_allclose(exact["nominal"], [68.27, 95.45], atol=0.01)
     path = tmp_path / "calibration_val.png"
-    plot_calibration({"raw spread": calibration_curve(predictions, spread, truth), "calibrated": curve}, path)
+    plot_calibration({"raw spread": calibration_curve(predictions, spread, truth), "calibrated": curve}, path,
+                     intervals={"68% intervals": (68.27, 69.0), "95% intervals": (95.45, 94.8)})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -3,6 +3,7 @@ fitting it on the val split on first use and reusing it, refitting when the TTA 
 weights change, the coverage files of --split=test, one checkpoint without TTA, a final fit without
 a val split (the raw spread, named so), --calibration=PATH, an unchanged submission.csv, and
 plot_image.py's error bars."""
+import re
 from pathlib import Path
 import shutil
 import sys
@@ -130,13 +131,18 @@ def test_split_test_writes_the_coverage_files(demo, ensemble, tmp_path, monkeypa
     table = pd.read_csv(out_dir / "calibration_test.csv").set_index("question")
     assert list(table.index) == ["all"] + [f"Q{q.number}" for q in QUESTIONS]
     assert list(table.columns) == ["text", "nominal_1sigma", "observed_1sigma", "nominal_2sigma", "observed_2sigma",
-                                   "spread_1sigma", "spread_2sigma"]
+                                   "observed_interval_68", "observed_interval_95", "spread_1sigma", "spread_2sigma"]
     assert table["observed_1sigma"].between(0, 100).all()
     assert (table["observed_2sigma"] >= table["observed_1sigma"]).all()
+    assert (table["observed_interval_95"] >= table["observed_interval_68"]).all()
     assert (out_dir / "calibration_test.png").read_bytes()[:4] == b"\x89PNG"
     line = next(line for line in out.splitlines() if line.startswith("calibrated sigma on the test split"))
-    assert f"{table.loc['all', 'observed_1sigma']:.1f}% of the vote fractions within +-1 sigma" in line
+    printed = float(re.search(r"([\d.]+)% of the vote fractions within \+-1 sigma", line).group(1))
+    assert printed == pytest.approx(table.loc["all", "observed_1sigma"], abs=0.051)   # the CSV has 2 decimals
     assert "the raw spread:" in line
+    line = next(line for line in out.splitlines() if line.startswith("intervals on the test split"))
+    printed = float(re.search(r"([\d.]+)% within the 68% intervals", line).group(1))
+    assert printed == pytest.approx(table.loc["all", "observed_interval_68"], abs=0.051)
     # a single checkpoint's evaluation replaces the set: the coverage files are its own
     run_main(monkeypatch, capsys, f"--checkpoint={ensemble[0]}", "--split=test", f"--out_dir={out_dir}",
              *demo["data"])
@@ -201,7 +207,8 @@ def test_plot_image_error_bars_are_the_calibrated_sigma(demo, ensemble, tmp_path
     bars, label = error_bars(cfg, members, mean, std)
     assert label == "spread over members x views" and bars is std and "none yet at" in capsys.readouterr().out
     calibration = {"form": FORM, "members": 2, "tta": True, "columns": LABEL_COLUMNS, "scale": [3.0] * 37,
-                   "floor": [0.02] * 37, "size": [0.0] * 37, "reach": [0.0] * 37, "checkpoints": fingerprint(ensemble)}
+                   "floor": [0.02] * 37, "size": [0.0] * 37, "reach": [0.0] * 37,
+                   "interval_68": [1.0] * 37, "interval_95": [2.0] * 37, "checkpoints": fingerprint(ensemble)}
     save_calibration(calibration, ensemble[0].parent.parent)
     bars, label = error_bars(cfg, members, mean, std)
     assert label == "calibrated sigma"
