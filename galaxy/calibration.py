@@ -30,15 +30,15 @@ Intervals beside sigma: heavy tails that the p and r terms do not absorb (Q7-Q9'
 output, interval_68 and interval_95: the multiples of sigma that make prediction +- interval_68 * sigma
 hold 68.3% of the val errors (the level of +-1 sigma for a Gaussian) and prediction +- interval_95 *
 sigma 95.4% (that of +-2 sigma). Each is the quantile of |error| / sigma pooled over the outputs of one
-question (one question's 450 x its outputs errors give a steadier quantile than one output's 450); for
-Gaussian errors they are about 1 and 2. Chosen by 5-fold cross-validation within the val split against
-one factor for all outputs and one per output (docs/usage.md has the figures).
+question (all its outputs' errors give a steadier quantile than one output's); for Gaussian errors they
+are about 1 and 2. Chosen by 5-fold cross-validation within the val split against one factor for all
+outputs and one per output (benchmarks/ACCURACY.md has the figures).
 
 The fitted model is a small JSON-able dict (to_json / from_json, save / load as calibration.json)
 that records its form and the setting its spread came from (members, TTA): the scale of a spread
-over 16 views does not apply to a spread over 2. Also here: coverage of +-1 and +-2 sigma, overall
-and per question, and the calibration curve (nominal Gaussian coverage against the observed) with
-its plot.
+over 16 views does not apply to a spread over 2. Also here: coverage of +-1 and +-2 sigma and of the
+intervals, overall and per question, and the calibration curve (nominal Gaussian coverage against the
+observed) with its plot.
 """
 import json
 import math
@@ -340,7 +340,7 @@ def coverage_table(predictions, sigma, truth, calibration=None):
         errors = np.abs(predictions - truth)
         inside.update({name: errors <= interval_halfwidth(calibration, sigma, name) for name in INTERVALS})
     parts = [("all", "all 37 outputs", list(range(NUM_OUTPUTS)))]
-    parts += [(f"Q{q.number}", q.text, [LABEL_COLUMNS.index(c) for c in q.columns]) for q in QUESTIONS]
+    parts += [(f"Q{q.number}", q.text, columns) for q, columns in zip(QUESTIONS, QUESTION_COLUMNS)]
     rows = []
     for name, text, columns in parts:
         row = {"question": name, "text": text}
