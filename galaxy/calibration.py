@@ -220,13 +220,11 @@ def fit_calibration(predictions, truth, spread=None, members=1, tta=False, terms
     calibration.update({term: [round(float(v), 6) for v in params[:, k]] for k, term in enumerate(TERMS)})
     calibration["coverage_factor"] = [round(float(v), 4) for v in factor]
     sigma = calibrated_sigma(calibration, predictions, spread)
-    errors = np.abs(predictions - truth)
-    for name, factor in interval_factors(errors / sigma).items():
+    for name, factor in interval_factors(np.abs(predictions - truth) / sigma).items():
         calibration[name] = [round(float(v), 4) for v in factor]
-    calibration["fit_coverage"] = {f"{k}sigma": round(float(within(predictions, sigma, truth, k).mean() * 100), 2)
-                                   for k in (1, 2)}
-    calibration["fit_coverage"].update({name: round(float((errors <= interval_halfwidth(calibration, sigma, name))
-                                                          .mean() * 100), 2) for name in INTERVALS})
+    inside = {f"{k}sigma": within(predictions, sigma, truth, k) for k in (1, 2)}
+    inside.update({name: within_interval(predictions, sigma, truth, calibration, name) for name in INTERVALS})
+    calibration["fit_coverage"] = {name: round(float(hits.mean() * 100), 2) for name, hits in inside.items()}
     return calibration
 
 
@@ -324,6 +322,11 @@ def within(predictions, sigma, truth, z):
     return np.abs(predictions - truth) <= z * sigma
 
 
+def within_interval(predictions, sigma, truth, calibration, name):
+    """(N, 37) bool: the truth lies within the calibration's interval name (interval_halfwidth)."""
+    return np.abs(predictions - truth) <= interval_halfwidth(calibration, sigma, name)
+
+
 def checked(predictions, sigma, truth):
     predictions = as_outputs("predictions", predictions)
     return predictions, as_outputs("sigma", sigma, len(predictions)), as_outputs("truth", truth, len(predictions))
@@ -337,8 +340,7 @@ def coverage_table(predictions, sigma, truth, calibration=None):
     predictions, sigma, truth = checked(predictions, sigma, truth)
     inside = {k: within(predictions, sigma, truth, k) for k in (1, 2)}
     if calibration is not None:
-        errors = np.abs(predictions - truth)
-        inside.update({name: errors <= interval_halfwidth(calibration, sigma, name) for name in INTERVALS})
+        inside.update({name: within_interval(predictions, sigma, truth, calibration, name) for name in INTERVALS})
     parts = [("all", "all 37 outputs", list(range(NUM_OUTPUTS)))]
     parts += [(f"Q{q.number}", q.text, columns) for q, columns in zip(QUESTIONS, QUESTION_COLUMNS)]
     rows = []
