@@ -71,7 +71,7 @@ class Config:
     roi_pad: float = key(0.2, "crop=roi: the galaxy's box grows by this fraction of its side", *CROP_READERS)
     roi_min_size: int = key(48, "crop=roi: smallest crop side in raw pixels (a tiny galaxy is not blown up)",
                             *CROP_READERS)
-    center_crop_size: int = key(160, "crop=center: side of the central square in pixels of a 424-px frame (the "
+    center_crop_size: int = key(128, "crop=center: side of the central square in pixels of a 424-px frame (the "
                                 "same fraction of any other)", *CROP_READERS)
     workers: int = key(cpu_count(), "processes for preprocessing, data loading and prediction", PRE, TRAIN, PREDICT,
                        BENCH)

@@ -223,7 +223,7 @@ def crop_planes(planes, cfg, stretch=None):
     """crop_galaxy's (crop, box) of the RGB image of planes (read_bands' output), for cfg's crop.
 
     The stretch is per pixel, so a center crop stretches only the pixels its resize reads (the box and
-    one pixel around it: a seventh of the image at the default center_crop_size of 160 px) and gives
+    one pixel around it: about a tenth of the image at the default center_crop_size of 128 px) and gives
     the crop that stretching the whole image would. An ROI crop needs the whole image to find the galaxy.
     """
     height, width = planes.shape[1:]

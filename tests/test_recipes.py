@@ -58,7 +58,7 @@ def test_four_crops_is_the_measured_ensemble():
 
 
 def test_each_crop_gets_a_folder_of_its_own():
-    assert crop_slug(build_config({})) == "c160"
+    assert crop_slug(build_config({})) == "c128"
     assert crop_slug(build_config({"crop": "roi", "image_size": 96})) == "roi_s96"
     assert processed_dir_for("data/processed/", build_config({"center_crop_size": 212})) == "data/processed_c212"
 
